@@ -1,0 +1,122 @@
+"""Aspect buckets, the 0.75 compressor rule, crops and normalisation."""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from wuerstchen.data import DEFAULT_RATIOS, AspectBuckets, ImageTransform, compressor_size, latent_size
+from wuerstchen.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_model_inputs
+
+
+@pytest.mark.parametrize("image_size", [256, 512, 768, 1024, 1536, 2048])
+def test_buckets_are_multiples_of_32_with_the_configured_area(image_size: int) -> None:
+    buckets = AspectBuckets(image_size, DEFAULT_RATIOS)
+    area = image_size**2
+    assert (image_size, image_size) in buckets.shapes
+    for width, height in buckets.shapes:
+        assert width % 32 == 0 and height % 32 == 0
+        # snapping each side to 32 moves the area by at most about 32/side per side
+        assert abs(width * height - area) / area <= 2 * 32 / min(width, height)
+        assert (height, width) in buckets.shapes  # reciprocals are there
+    # one bucket per ratio and orientation, minus duplicates (1 is its own reciprocal)
+    assert len(buckets) <= 2 * len(DEFAULT_RATIOS) - 1
+    ratios = [w / h for w, h in buckets.shapes]
+    for r in DEFAULT_RATIOS:
+        assert min(abs(math.log(x / r)) for x in ratios) < 0.1
+
+
+def test_nearest_ratio_and_random_ratio_probability() -> None:
+    buckets = AspectBuckets(1024, [1.0, 2.0])
+    assert buckets.shapes == [(736, 1440), (1024, 1024), (1440, 736)]
+    assert buckets.nearest(1000, 1000) == (1024, 1024)
+    assert buckets.nearest(3000, 1600) == (1440, 736)
+    assert buckets.nearest(500, 1000) == (736, 1440)
+    noisy = AspectBuckets(1024, [1.0, 2.0], random_ratio_prob=0.25)
+    rng = random.Random(0)
+    picks = [noisy.assign(1000, 1000, rng) for _ in range(4000)]
+    off = sum(p != (1024, 1024) for p in picks) / len(picks)
+    assert abs(off - 0.25 * 2 / 3) < 0.03  # a random bucket is the nearest one a third of the time
+    assert noisy.assign(1000, 1000) == (1024, 1024)  # no rng: deterministic nearest (validation)
+
+
+@pytest.mark.parametrize("bad", [dict(image_size=1000), dict(image_size=0), dict(image_size=512, ratios=[0]),
+                                 dict(image_size=512, random_ratio_prob=1.5)])
+def test_bad_bucket_config_is_rejected(bad: dict) -> None:
+    with pytest.raises(ValueError):
+        AspectBuckets(**bad)
+
+
+@pytest.mark.parametrize(("side", "effnet", "latent"), [(1024, 768, 24), (1536, 1152, 36), (2048, 1536, 48),
+                                                         (512, 384, 12), (256, 192, 6), (128, 96, 3)])
+def test_compressor_rule_square(side: int, effnet: int, latent: int) -> None:
+    assert compressor_size(side) == effnet
+    assert latent_size(side) == latent
+
+
+@pytest.mark.parametrize("image_size", [1024, 1536, 2048])
+def test_compressor_rule_for_every_bucket(image_size: int) -> None:
+    transform = ImageTransform(image_size, ratios=DEFAULT_RATIOS)
+    for bucket in transform.buckets.shapes:
+        sizes = transform.output_sizes(bucket)
+        assert sizes["images"] == bucket
+        for got, side in zip(sizes["effnet_images"], bucket):
+            assert got % 32 == 0 and abs(got - 0.75 * side) <= 16
+    # a non-square target: 1152x896 at 1024^2 area gives a 27x21 latent
+    assert ImageTransform(1024).output_sizes((1152, 896))["effnet_images"] == (864, 672)
+
+
+def _jpeg(width: int, height: int) -> Image.Image:
+    y, x = np.mgrid[0:height, 0:width]
+    array = np.stack([x * 255 // width, y * 255 // height, (x + y) % 256], axis=-1).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=95)
+    return Image.open(io.BytesIO(buffer.getvalue()))
+
+
+def test_transform_outputs_per_stage_and_crop_geometry() -> None:
+    stage_b = ImageTransform(256, outputs=("images", "effnet_images"), random_crop=False)
+    bucket, out = stage_b(_jpeg(400, 300))
+    assert bucket == (256, 256)
+    assert out["images"].shape == (3, 256, 256) and out["images"].dtype == torch.uint8
+    assert out["effnet_images"].shape == (3, 192, 192)
+    # the centre crop of a horizontal gradient keeps the middle: red at the left edge is ~ (400-300)/2/400*255
+    assert abs(float(out["images"][0, :, 0].float().mean()) - 50 / 400 * 255) < 6
+    stage_c = ImageTransform(256, outputs=("effnet_images",))
+    _, out = stage_c(_jpeg(400, 300), random.Random(0))
+    assert set(out) == {"effnet_images"}
+    with pytest.raises(ValueError, match="outputs"):
+        ImageTransform(256, outputs=("latents",))
+
+
+def test_random_crops_follow_the_rng() -> None:
+    transform = ImageTransform(64, outputs=("images",))
+    crops = [transform(_jpeg(300, 100), random.Random(seed))[1]["images"] for seed in (0, 0, 1)]
+    assert torch.equal(crops[0], crops[1])
+    assert not torch.equal(crops[0], crops[2])
+
+
+def test_jpeg_draft_decoding_matches_full_decoding() -> None:
+    """Decoding a large JPEG at reduced scale must not change the crop beyond resampling noise."""
+    transform = ImageTransform(128, outputs=("images",), random_crop=False)
+    drafted = transform(_jpeg(2000, 1500))[1]["images"].float()
+    full_image = _jpeg(2000, 1500).convert("RGB")  # decoded at full size: draft has no effect once loaded
+    full = transform(full_image)[1]["images"].float()
+    assert drafted.shape == full.shape == (3, 128, 128)
+    assert 0.0 < (drafted - full).abs().mean() < 3.0  # > 0: the draft path really ran
+
+
+def test_to_model_inputs_ranges() -> None:
+    batch = {"images": torch.full((2, 3, 4, 4), 255, dtype=torch.uint8),
+             "effnet_images": torch.zeros((2, 3, 4, 4), dtype=torch.uint8), "captions": ["a", "b"]}
+    out = to_model_inputs(batch)
+    assert out["images"].dtype == torch.float32 and torch.all(out["images"] == 1.0)
+    expected = -torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)
+    assert torch.allclose(out["effnet_images"][0, :, 0, 0], expected)
+    assert out["captions"] == ["a", "b"]

@@ -1,0 +1,26 @@
+"""Data side of the framework: WebDataset shards in, per-stage batches out (no Lightning or Hydra needed here).
+
+The Lightning ``LightningDataModule`` lives in :mod:`wuerstchen.data.datamodule`.
+"""
+
+from .buckets import DEFAULT_RATIOS, AspectBuckets
+from .filters import LaionFilter
+from .pipeline import REJECT_REASONS, NoUsableSamplesError, WebImageTextDataset
+from .shards import ShardSpecError, expand_shard_spec, split_shards
+from .transforms import ImageTransform, compressor_size, latent_size, to_model_inputs
+
+__all__ = [
+    "DEFAULT_RATIOS",
+    "REJECT_REASONS",
+    "AspectBuckets",
+    "ImageTransform",
+    "LaionFilter",
+    "NoUsableSamplesError",
+    "ShardSpecError",
+    "WebImageTextDataset",
+    "compressor_size",
+    "expand_shard_spec",
+    "latent_size",
+    "split_shards",
+    "to_model_inputs",
+]

@@ -1,0 +1,182 @@
+"""Lightning wiring of the WebDataset pipeline: per-rank batch size, fixed batch counts, stream state, data logs."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from .filters import LaionFilter
+from .pipeline import REJECT_REASONS, WebImageTextDataset
+from .shards import ShardSpec
+from .transforms import ImageTransform, to_model_inputs
+
+log = logging.getLogger(__name__)
+
+
+class StreamLoader(DataLoader):
+    """DataLoader that tells its stream which (restart index, epoch) a pass belongs to.
+
+    An IterableDataset replays the same stream every time it is iterated; the epoch must reach the worker processes
+    for each pass to differ. Workers receive a fresh copy of the dataset at every ``iter()`` (which is why
+    ``persistent_workers`` stays off), so setting the attributes just before is enough.
+    """
+
+    def __init__(self, dataset: WebImageTextDataset, position: Callable[[], tuple[int, int]], **kwargs: Any) -> None:
+        if kwargs.get("persistent_workers"):
+            raise ValueError("persistent_workers would freeze the stream's epoch; leave it off")
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self._position = position
+
+    def __iter__(self):
+        self.dataset.restart_index, self.dataset.epoch = self._position()
+        return super().__iter__()
+
+
+class WebDataModule(L.LightningDataModule):
+    """Train and validation loaders over img2dataset-style shards for one stage.
+
+    Args:
+        train_urls / val_urls: shard specs (brace pattern, list, directory, ``pipe:`` command); no validation loader
+            when ``val_urls`` is None.
+        batch_size: the global batch; each rank takes ``batch_size / (world_size * accumulate_grad_batches)``.
+        train_transform / val_transform: the stage's transforms (random vs centre crops).
+        filter: LAION metadata filter for both splits.
+        batches_per_epoch: batches per rank and epoch of the resampled training stream (``with_epoch``); every rank
+            gets the same count, so no rank waits at an epoch end. None gives an endless epoch (stop on max_steps).
+        val_batches: batches per rank in one validation pass (the shards repeat to reach it); None reads each
+            validation shard once, which is only hang-free on a single rank.
+        restart_index: the stream's restart counter; loading a checkpoint restores it and adds one, so a resumed run
+            draws a fresh stream that is still determined by the seed.
+    """
+
+    def __init__(self, train_urls: ShardSpec, batch_size: int, train_transform: ImageTransform,
+                 val_urls: ShardSpec | None = None, val_transform: ImageTransform | None = None,
+                 filter: LaionFilter | None = None, batches_per_epoch: int | None = None,
+                 val_batches: int | None = None, val_batch_size: int | None = None, num_workers: int = 4,
+                 shuffle_buffer: int = 1000, require_caption: bool = True, max_tries: int = 10_000, seed: int = 0,
+                 pin_memory: bool | None = None, prefetch_factor: int | None = None, restart_index: int = 0) -> None:
+        super().__init__()
+        self.train_urls, self.val_urls = train_urls, val_urls
+        self.batch_size = int(batch_size)
+        self.train_transform = train_transform
+        self.val_transform = val_transform or train_transform
+        self.filter = filter
+        self.batches_per_epoch, self.val_batches = batches_per_epoch, val_batches
+        self.val_batch_size = val_batch_size
+        self.num_workers = int(num_workers)
+        self.shuffle_buffer, self.require_caption, self.max_tries = shuffle_buffer, require_caption, max_tries
+        self.seed = int(seed)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.prefetch_factor = prefetch_factor
+        self.restart_index = int(restart_index)
+        self.data_stats: Counter[str] = Counter()  # training stream, cumulative over the run
+        self.val_data_stats: Counter[str] = Counter()
+        self._pass_counts: Counter[str] = Counter()
+        self.train_set: WebImageTextDataset | None = None
+        self.val_set: WebImageTextDataset | None = None
+
+    # -- topology -------------------------------------------------------------------------------------------------
+    def _world(self) -> tuple[int, int, int]:
+        """(rank, world size, gradient accumulation) from the trainer, or a single process without one."""
+        trainer = self._trainer
+        if trainer is None:
+            return 0, 1, 1
+        return trainer.global_rank, trainer.world_size, trainer.accumulate_grad_batches
+
+    def per_rank_batch_size(self) -> int:
+        _, world_size, accumulate = self._world()
+        divisor = world_size * accumulate
+        if self.batch_size % divisor:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} (global) is not divisible by world size {world_size} x "
+                f"accumulate_grad_batches {accumulate}"
+            )
+        return self.batch_size // divisor
+
+    # -- datasets -------------------------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        rank, world_size, _ = self._world()
+        batch_size = self.per_rank_batch_size()
+        common = dict(filter=self.filter, require_caption=self.require_caption, max_tries=self.max_tries,
+                      seed=self.seed, rank=rank, world_size=world_size)
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = WebImageTextDataset(self.train_urls, batch_size, self.train_transform, resample=True,
+                                                 num_batches=self.batches_per_epoch,
+                                                 shuffle_buffer=self.shuffle_buffer, **common)
+        if stage in (None, "fit", "validate") and self.val_urls is not None and self.val_set is None:
+            self.val_set = WebImageTextDataset(self.val_urls, self.val_batch_size or batch_size, self.val_transform,
+                                               resample=False, num_batches=self.val_batches, shuffle_buffer=0,
+                                               **common)
+
+    def _loader(self, dataset: WebImageTextDataset, position: Callable[[], tuple[int, int]]) -> StreamLoader:
+        extra = {"prefetch_factor": self.prefetch_factor} if self.num_workers and self.prefetch_factor else {}
+        return StreamLoader(dataset, position, num_workers=self.num_workers, pin_memory=self.pin_memory, **extra)
+
+    def train_dataloader(self) -> StreamLoader:
+        if self.train_set is None:
+            self.setup("fit")
+        return self._loader(self.train_set, self._train_position)
+
+    def val_dataloader(self) -> StreamLoader | list:
+        if self.val_urls is None:
+            return []
+        if self.val_set is None:
+            self.setup("validate")
+        return self._loader(self.val_set, self._val_position)
+
+    def _train_position(self) -> tuple[int, int]:
+        epoch = self._trainer.current_epoch if self._trainer is not None else self._passes("train")
+        return self.restart_index, epoch
+
+    def _val_position(self) -> tuple[int, int]:
+        return 0, 0  # validation reads the same samples every time, so its metrics are comparable
+
+    def _passes(self, split: str) -> int:
+        """Pass counter for use without a trainer (each ``iter()`` is a new epoch)."""
+        self._pass_counts[split] += 1
+        return self._pass_counts[split] - 1
+
+    # -- batches --------------------------------------------------------------------------------------------------
+    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        training = self._trainer is None or self._trainer.training
+        (self.data_stats if training else self.val_data_stats).update(batch.pop("data_stats", {}))
+        return batch
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        return to_model_inputs(batch)
+
+    # -- checkpointed stream state --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"restart_index": self.restart_index, "data_stats": dict(self.data_stats)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.restart_index = int(state_dict["restart_index"]) + 1
+        self.data_stats = Counter(state_dict.get("data_stats", {}))
+        log.info("data stream resumes with restart_index=%d", self.restart_index)
+
+
+class DataStatsMonitor(L.Callback):
+    """Logs the data pipeline's counts, summed over ranks: ``data/accepted`` and ``data/rejected/<reason>``.
+
+    The counts are cumulative over the run (checkpointed with the datamodule) and reduced across ranks every
+    ``trainer.log_every_n_steps`` steps, at the same step on every rank.
+    """
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        datamodule = trainer.datamodule
+        if not isinstance(datamodule, WebDataModule) or (trainer.global_step % trainer.log_every_n_steps):
+            return
+        names = ("accepted", *REJECT_REASONS)
+        counts = torch.tensor([float(datamodule.data_stats[n]) for n in names], device=pl_module.device)
+        counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        metrics = {"data/accepted": counts[0]}
+        metrics.update({f"data/rejected/{n}": c for n, c in zip(REJECT_REASONS, counts[1:]) if c > 0})
+        metrics["data/rejected"] = counts[1:].sum()
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
