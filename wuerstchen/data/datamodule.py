@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
@@ -17,6 +17,13 @@ from .shards import ShardSpec
 from .transforms import ImageTransform, to_model_inputs
 
 log = logging.getLogger(__name__)
+
+
+def _plain(spec: Any) -> ShardSpec | None:
+    """A shard spec as a str or a list of str (Hydra hands over ListConfig, which pickles slowly into workers)."""
+    if spec is None or isinstance(spec, str):
+        return spec
+    return [str(s) for s in spec]
 
 
 class StreamLoader(DataLoader):
@@ -42,11 +49,14 @@ class WebDataModule(L.LightningDataModule):
     """Train and validation loaders over img2dataset-style shards for one stage.
 
     Args:
-        train_urls / val_urls: shard specs (brace pattern, list, directory, ``pipe:`` command); no validation loader
-            when ``val_urls`` is None.
+        urls / val_urls: shard specs (brace pattern, list, directory, ``pipe:`` command); no validation loader when
+            ``val_urls`` is None.
         batch_size: the global batch; each rank takes ``batch_size / (world_size * accumulate_grad_batches)``.
-        train_transform / val_transform: the stage's transforms (random vs centre crops).
-        filter: LAION metadata filter for both splits.
+        image_size: training side (square crops) or the side of the bucket area (multi-aspect), multiple of 32.
+        outputs: what the stage needs: ``images`` (Stage A/B crops in [0, 1]) and/or ``effnet_images`` (the
+            compressor's ImageNet-normalised view at ``effnet_scale`` x the side).
+        ratios / random_ratio_prob: aspect buckets (``[1]``: square crops) and the chance of a random bucket.
+        filter: LAION metadata filter for both splits; None accepts everything.
         batches_per_epoch: batches per rank and epoch of the resampled training stream (``with_epoch``); every rank
             gets the same count, so no rank waits at an epoch end. None gives an endless epoch (stop on max_steps).
         val_batches: batches per rank in one validation pass (the shards repeat to reach it); None reads each
@@ -55,17 +65,21 @@ class WebDataModule(L.LightningDataModule):
             draws a fresh stream that is still determined by the seed.
     """
 
-    def __init__(self, train_urls: ShardSpec, batch_size: int, train_transform: ImageTransform,
-                 val_urls: ShardSpec | None = None, val_transform: ImageTransform | None = None,
+    def __init__(self, urls: ShardSpec, batch_size: int, image_size: int,
+                 outputs: Sequence[str] = ("images", "effnet_images"), ratios: Sequence[float] = (1.0,),
+                 random_ratio_prob: float = 0.0, effnet_scale: float = 0.75, val_urls: ShardSpec | None = None,
                  filter: LaionFilter | None = None, batches_per_epoch: int | None = None,
                  val_batches: int | None = None, val_batch_size: int | None = None, num_workers: int = 4,
                  shuffle_buffer: int = 1000, require_caption: bool = True, max_tries: int = 10_000, seed: int = 0,
                  pin_memory: bool | None = None, prefetch_factor: int | None = None, restart_index: int = 0) -> None:
         super().__init__()
-        self.train_urls, self.val_urls = train_urls, val_urls
+        self.urls = _plain(urls)
+        self.val_urls = _plain(val_urls)
         self.batch_size = int(batch_size)
-        self.train_transform = train_transform
-        self.val_transform = val_transform or train_transform
+        transform = dict(image_size=int(image_size), outputs=tuple(outputs), ratios=[float(r) for r in ratios],
+                         effnet_scale=float(effnet_scale))
+        self.train_transform = ImageTransform(random_crop=True, random_ratio_prob=random_ratio_prob, **transform)
+        self.val_transform = ImageTransform(random_crop=False, **transform)
         self.filter = filter
         self.batches_per_epoch, self.val_batches = batches_per_epoch, val_batches
         self.val_batch_size = val_batch_size
@@ -84,7 +98,7 @@ class WebDataModule(L.LightningDataModule):
     # -- topology -------------------------------------------------------------------------------------------------
     def _world(self) -> tuple[int, int, int]:
         """(rank, world size, gradient accumulation) from the trainer, or a single process without one."""
-        trainer = self._trainer
+        trainer = self.trainer
         if trainer is None:
             return 0, 1, 1
         return trainer.global_rank, trainer.world_size, trainer.accumulate_grad_batches
@@ -97,6 +111,12 @@ class WebDataModule(L.LightningDataModule):
                 f"data.batch_size={self.batch_size} (global) is not divisible by world size {world_size} x "
                 f"accumulate_grad_batches {accumulate}"
             )
+        if self.batches_per_epoch is not None and self.batches_per_epoch % accumulate:
+            # Lightning steps on a partial accumulation at an epoch end, which would shrink that step's batch
+            raise ValueError(
+                f"data.batches_per_epoch={self.batches_per_epoch} is not a multiple of accumulate_grad_batches "
+                f"{accumulate}"
+            )
         return self.batch_size // divisor
 
     # -- datasets -------------------------------------------------------------------------------------------------
@@ -106,7 +126,7 @@ class WebDataModule(L.LightningDataModule):
         common = dict(filter=self.filter, require_caption=self.require_caption, max_tries=self.max_tries,
                       seed=self.seed, rank=rank, world_size=world_size)
         if stage in (None, "fit") and self.train_set is None:
-            self.train_set = WebImageTextDataset(self.train_urls, batch_size, self.train_transform, resample=True,
+            self.train_set = WebImageTextDataset(self.urls, batch_size, self.train_transform, resample=True,
                                                  num_batches=self.batches_per_epoch,
                                                  shuffle_buffer=self.shuffle_buffer, **common)
         if stage in (None, "fit", "validate") and self.val_urls is not None and self.val_set is None:
@@ -131,7 +151,7 @@ class WebDataModule(L.LightningDataModule):
         return self._loader(self.val_set, self._val_position)
 
     def _train_position(self) -> tuple[int, int]:
-        epoch = self._trainer.current_epoch if self._trainer is not None else self._passes("train")
+        epoch = self.trainer.current_epoch if self.trainer is not None else self._passes("train")
         return self.restart_index, epoch
 
     def _val_position(self) -> tuple[int, int]:
@@ -144,7 +164,7 @@ class WebDataModule(L.LightningDataModule):
 
     # -- batches --------------------------------------------------------------------------------------------------
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        training = self._trainer is None or self._trainer.training
+        training = self.trainer is None or self.trainer.training
         (self.data_stats if training else self.val_data_stats).update(batch.pop("data_stats", {}))
         return batch
 

@@ -1,0 +1,44 @@
+# Quickstart: `make demo` and `make test`; both set up .venv on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch first, so no resolver picks another build. On a GPU cluster pass the build for your CUDA, e.g.
+#   make setup TORCH_SPEC="torch torchvision --index-url https://download.pytorch.org/whl/cu128"
+# or install torch into the venv yourself and pass TORCH_SPEC= (empty) to keep it.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+DATA_DIR ?= data/synthetic
+PYTEST_ARGS ?=
+
+.PHONY: setup demo data test test-all bench-data clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install $(TORCH_SPEC); fi
+	$(PY) -m pip install -e '.[dev]'
+	touch $@
+
+# The built-in synthetic dataset: 128 px shapes with captions, LAION-style metadata and broken-free shards.
+data: $(DATA_DIR)/train/00007.tar $(DATA_DIR)/val/00000.tar
+
+$(DATA_DIR)/train/00007.tar: | setup
+	$(PY) scripts/make_synthetic_shards.py --out $(DATA_DIR)/train --num-samples 4000 --size 128 --seed 0 --shard-size 500
+
+$(DATA_DIR)/val/00000.tar: | setup
+	$(PY) scripts/make_synthetic_shards.py --out $(DATA_DIR)/val --num-samples 256 --size 128 --seed 1 --shard-size 256
+
+demo: setup data
+	$(PY) scripts/check_data.py
+
+test: setup
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-all: setup
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench-data: setup
+	$(PY) scripts/bench_data.py
+
+clean:
+	rm -rf runs $(DATA_DIR) .pytest_cache
