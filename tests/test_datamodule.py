@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import re
 from pathlib import Path
 
 import lightning as L
@@ -74,11 +76,13 @@ def mixed_shards(tmp_path: Path) -> str:
     return str(root)
 
 
-def test_global_batch_split_epochs_and_logged_rejects(mixed_shards: str, tmp_path: Path) -> None:
+def test_global_batch_split_epochs_and_logged_rejects(mixed_shards: str, tmp_path: Path, caplog) -> None:
     out = tmp_path / "seen"
     out.mkdir()
     dm = datamodule(mixed_shards, batch_size=8, batches_per_epoch=4)
-    trainer(tmp_path, accumulate_grad_batches=2, max_steps=3).fit(Recorder(out), datamodule=dm)
+    with caplog.at_level(logging.INFO):
+        trainer(tmp_path, accumulate_grad_batches=2, max_steps=3).fit(Recorder(out), datamodule=dm)
+    assert re.search(r"data after epoch 0: 16 samples accepted, \d+ rejected \{.*'bad_image'", caplog.text)
     seen = records(out)
     # global 8 = 1 rank x 2 accumulated micro-batches x 4; 3 optimizer steps = 6 micro-batches, 4 per epoch
     assert [r["batch_size"] for r in seen] == [4] * 6

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 import torch
 from torch.utils.data import DataLoader
 
@@ -185,18 +186,30 @@ class DataStatsMonitor(L.Callback):
     """Logs the data pipeline's counts, summed over ranks: ``data/accepted`` and ``data/rejected/<reason>``.
 
     The counts are cumulative over the run (checkpointed with the datamodule) and reduced across ranks every
-    ``trainer.log_every_n_steps`` steps, at the same step on every rank.
+    ``trainer.log_every_n_steps`` steps, at the same step on every rank; each epoch end also prints a summary line.
     """
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def _totals(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float] | None:
         datamodule = trainer.datamodule
-        if not isinstance(datamodule, WebDataModule) or (trainer.global_step % trainer.log_every_n_steps):
-            return
+        if not isinstance(datamodule, WebDataModule):
+            return None
         names = ("accepted", *REJECT_REASONS)
         counts = torch.tensor([float(datamodule.data_stats[n]) for n in names], device=pl_module.device)
         counts = trainer.strategy.reduce(counts, reduce_op="sum")
-        metrics = {"data/accepted": counts[0]}
-        metrics.update({f"data/rejected/{n}": c for n, c in zip(REJECT_REASONS, counts[1:]) if c > 0})
-        metrics["data/rejected"] = counts[1:].sum()
+        return dict(zip(names, counts.tolist()))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step % trainer.log_every_n_steps or (totals := self._totals(trainer, pl_module)) is None:
+            return
+        rejects = {name: count for name, count in totals.items() if name != "accepted"}
+        metrics = {"data/accepted": totals["accepted"], "data/rejected": sum(rejects.values())}
+        metrics.update({f"data/rejected/{name}": count for name, count in rejects.items() if count > 0})
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if (totals := self._totals(trainer, pl_module)) is None:
+            return
+        rejects = {name: int(count) for name, count in totals.items() if name != "accepted" and count > 0}
+        rank_zero_info(f"data after epoch {trainer.current_epoch}: {int(totals['accepted'])} samples accepted, "
+                       f"{sum(rejects.values())} rejected {rejects or ''}".rstrip())

@@ -288,6 +288,13 @@ def _gauss(n: int, sigma: float) -> np.ndarray:
     return g / g.sum(0, keepdims=True)
 
 
+def _crop(alpha: np.ndarray) -> np.ndarray:
+    """The matte around its support, with room for any same-area template (speed only)."""
+    ys, xs = np.nonzero(alpha)
+    pad = int(0.5 * max(np.ptp(ys), np.ptp(xs))) + 4
+    return alpha[max(ys.min() - pad, 0):ys.max() + pad + 1, max(xs.min() - pad, 0):xs.max() + pad + 1]
+
+
 def _templates(alpha: np.ndarray) -> dict[str, float]:
     """Normalised L1 error between the matte and each shape of the same area and centroid.
 
@@ -333,13 +340,16 @@ def predict_labels(image: Any) -> dict[str, Any] | None:
     fg = np.median(arr[core], axis=0)  # (3,)
     diff = fg - bg  # (H, 1, 3)
     alpha = np.clip(((arr - bg) * diff).sum(-1) / np.maximum((diff ** 2).sum(-1), 1e-6), 0.0, 1.0)
-    alpha *= _dilate(_dilate(comp))  # keep the antialiased rim, drop other blobs
+    near = _dilate(_dilate(comp))
+    alpha *= near  # keep the antialiased rim, drop other blobs
     frac = alpha.sum() / (h * w)
-    if not 0.004 <= frac <= 0.2:
-        return None
+    contrast = np.linalg.norm(fg - np.median(bg, axis=0))
+    clutter = np.median(dist[~near]) if (~near).any() else np.inf  # background noise level
+    if not (0.004 <= frac <= 0.2 and comp.mean() >= 0.003 and clutter < 0.25 * contrast):
+        return None  # too small / too big, or a speck in noise rather than an object
     lab = _srgb_to_lab(fg)
     colour_dist = np.linalg.norm(_PALETTE_LAB - lab, axis=-1)
-    errors = _templates(alpha)
+    errors = _templates(_crop(alpha))
     cy = (alpha.sum(1) @ (np.arange(h) + 0.5)) / alpha.sum()
     cx = (alpha.sum(0) @ (np.arange(w) + 0.5)) / alpha.sum()
     row, col = min(int(3 * cy / h), 2), min(int(3 * cx / w), 2)
