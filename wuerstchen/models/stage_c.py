@@ -1,0 +1,64 @@
+"""Stage C: the text-conditional prior in the 16-channel semantic latent space (SPEC.md section 5)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .common import AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, init_xavier, maybe_checkpoint, timestep_embedding
+
+
+class StageC(nn.Module):
+    """``depth`` repeats of [ResBlock, TimestepBlock, AttnBlock] at the latent's own resolution.
+
+    The paper's 16-block layout is the default (347,037,472 parameters); the released v2 prior is
+    ``StageC(c=1536, depth=32, nhead=24, c_cond=1280)`` (993,636,896). There are no positional embeddings, so the
+    weights work at any latent size. ``forward(x, r, clip)`` returns the noise estimate in the A/B parameterisation.
+    """
+
+    def __init__(self, c_in: int = 16, c: int = 1280, c_cond: int = 1024, c_r: int = 64, depth: int = 16,
+                 nhead: int = 16, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.c_r = c_r
+        self.depth = depth
+        self.grad_checkpointing = False
+        self.projection = nn.Conv2d(c_in, c, kernel_size=1)
+        self.cond_mapper = nn.Sequential(nn.Linear(c_cond, c), nn.LeakyReLU(0.2), nn.Linear(c, c))
+        self.blocks = nn.ModuleList()
+        for _ in range(depth):
+            self.blocks.append(ResBlock(c, dropout=dropout))
+            self.blocks.append(TimestepBlock(c, c_r))
+            self.blocks.append(AttnBlock(c, c, nhead, self_attn=True, dropout=dropout))
+        self.out = nn.Sequential(LayerNorm2d(c, elementwise_affine=False, eps=1e-6), nn.Conv2d(c, c_in * 2, 1))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Official initialisation: Xavier everywhere, then the output conv and timestep mappers at zero (so the
+        network starts at eps_hat = x_t) and the ResBlocks' last layers scaled by sqrt(1 / depth)."""
+        self.apply(init_xavier)
+        nn.init.zeros_(self.out[1].weight)
+        nn.init.zeros_(self.out[1].bias)
+        for block in self.blocks:
+            if isinstance(block, ResBlock):
+                block.channelwise[-1].weight.data.mul_(math.sqrt(1 / self.depth))
+            elif isinstance(block, TimestepBlock):
+                nn.init.zeros_(block.mapper.weight)
+
+    def _layer(self, x: torch.Tensor, index: int, r_embed: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
+        """One [ResBlock, TimestepBlock, AttnBlock] repeat (the unit of activation checkpointing)."""
+        res, time, attn = self.blocks[3 * index: 3 * index + 3]
+        return attn(time(res(x), r_embed), clip)
+
+    def forward(self, x: torch.Tensor, r: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
+        """x (B, 16, h, w) noised latent, r (B,) time in [0, 1], clip (B, 77, c_cond) text states -> eps_hat."""
+        x_in = x
+        r_embed = timestep_embedding(r, self.c_r).to(x.dtype)  # (B, c_r)
+        clip = self.cond_mapper(clip)  # (B, 77, c)
+        x = self.projection(x)  # (B, c, h, w)
+        for index in range(self.depth):
+            x = maybe_checkpoint(self.grad_checkpointing and self.training, self._layer, x, index, r_embed, clip)
+        a, b = self.out(x).chunk(2, dim=1)  # (B, 16, h, w) each
+        # A/B parameterisation: eps_hat = (x_t - A) / |1 - B|; the zero-initialised output makes eps_hat = x_t
+        return (x_in - a) / ((1 - b).abs() + 1e-5)

@@ -1,0 +1,243 @@
+"""Read network weights from every format users bring, and write ours and diffusers'.
+
+Sources, detected from the path:
+- a released ``.pt`` (dome272 layout): ``state_dict`` / ``ema_state_dict`` (EMA preferred) / ``effnet_state_dict``;
+- a diffusers model folder (``config.json`` + ``diffusion_pytorch_model.safetensors`` or ``.bin``);
+- a ``.safetensors`` file: our export (config in the metadata) or a bare state dict in either layout;
+- our Lightning training checkpoint (``.ckpt``): networks under ``state_dict`` as ``<stage attribute>.*``, EMA
+  weights under ``ema[<stage attribute>]`` (preferred).
+
+Pickles are only ever read with ``torch.load(weights_only=True)``; a file that needs arbitrary unpickling is refused.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..models.compressor import SemanticCompressor
+from ..models.stage_a import StageA
+from ..models.stage_b import StageB
+from ..models.stage_c import StageC
+from .keys import StateDict, detect_stage, diffusers_to_released, is_diffusers_layout, released_to_diffusers, \
+    strip_prefixes
+
+_DIFFUSERS = "diffusers.pipelines.deprecated.wuerstchen"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """How one network is built, found in released files and mapped to diffusers."""
+
+    builder: Callable[..., nn.Module]
+    attribute: str  # the network's attribute name in our LightningModules
+    released_key: str  # where the released .pt keeps it
+    presets: tuple[dict[str, Any], ...]  # full-size configs, matched by shape when a source carries none
+    diffusers_class: str | None = None
+    to_diffusers: dict[str, str] = field(default_factory=dict)  # our argument name -> diffusers' (when they differ)
+    diffusers_fixed: dict[str, Any] = field(default_factory=dict)  # diffusers arguments we do not expose
+
+
+STAGES: dict[str, StageSpec] = {
+    "a": StageSpec(StageA, "stage_a", "state_dict", ({},), f"{_DIFFUSERS}.modeling_paella_vq_model.PaellaVQModel",
+                   {"c_hidden": "embed_dim", "c_latent": "latent_channels", "codebook_size": "num_vq_embeddings"},
+                   {"in_channels": 3, "out_channels": 3, "up_down_scale_factor": 2}),
+    "b": StageSpec(StageB, "stage_b", "state_dict", ({},),
+                   f"{_DIFFUSERS}.modeling_wuerstchen_diffnext.WuerstchenDiffNeXt"),
+    "c": StageSpec(StageC, "stage_c", "state_dict",
+                   ({}, {"c": 1536, "depth": 32, "nhead": 24, "c_cond": 1280}),
+                   f"{_DIFFUSERS}.modeling_wuerstchen_prior.WuerstchenPrior"),
+    "effnet": StageSpec(SemanticCompressor, "effnet", "effnet_state_dict",
+                        ({"affine": True, "latent_shift": 1.0, "latent_scale": 42.0}, {})),
+}
+
+
+def _spec(stage: str) -> StageSpec:
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {sorted(STAGES)}")
+    return STAGES[stage]
+
+
+def torch_load(path: str | os.PathLike) -> Any:
+    """``torch.load`` restricted to tensors and plain containers."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exn:  # torch raises UnpicklingError (and others) for anything beyond plain data
+        if "weights_only" in str(exn) or "Unpickl" in type(exn).__name__:
+            raise ValueError(
+                f"{path}: refusing to load, the file needs arbitrary unpickling (it holds Python objects beyond "
+                f"tensors and plain containers, which could run code). Re-save its state dict in a trusted "
+                f"environment: torch.save(obj['state_dict'], 'plain.pt') or as .safetensors.") from exn
+        raise
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _from_checkpoint(obj: dict, stage: str, path: str, prefer_ema: bool) -> StateDict:
+    """Pick the network's tensors out of a loaded torch file (released .pt or our Lightning checkpoint)."""
+    spec = _spec(stage)
+    if "pytorch-lightning_version" in obj or "state_dict" in obj and isinstance(obj.get("ema"), dict):
+        ema = (obj.get("ema") or {}).get(spec.attribute)
+        if prefer_ema and _is_state_dict(ema):
+            return ema
+        prefix = spec.attribute + "."
+        state = {k[len(prefix):]: v for k, v in obj.get("state_dict", {}).items() if k.startswith(prefix)}
+        if state:
+            return state
+        raise KeyError(f"{path}: training checkpoint holds no '{prefix}*' weights for stage {stage}")
+    candidates = ["ema_state_dict", "state_dict"] if prefer_ema else ["state_dict", "ema_state_dict"]
+    if stage == "effnet":
+        candidates = ["effnet_state_dict"]
+    for key in candidates:
+        if _is_state_dict(obj.get(key)):
+            return obj[key]
+    if _is_state_dict(obj):
+        return obj
+    raise KeyError(f"{path}: no state dict for stage {stage} (looked for {candidates}; top-level keys "
+                   f"{sorted(obj)[:10]})")
+
+
+def _read_diffusers_folder(path: Path) -> tuple[StateDict, dict[str, Any]]:
+    config = json.loads((path / "config.json").read_text())
+    index = path / "diffusion_pytorch_model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state = {k: v for shard in shards for k, v in load_file(path / shard).items()}
+    elif (path / "diffusion_pytorch_model.safetensors").exists():
+        state = load_file(path / "diffusion_pytorch_model.safetensors")
+    elif (path / "diffusion_pytorch_model.bin").exists():
+        state = torch_load(path / "diffusion_pytorch_model.bin")
+    else:
+        raise FileNotFoundError(f"{path}: a diffusers folder needs diffusion_pytorch_model.safetensors or .bin")
+    return state, config
+
+
+def _config_from_diffusers(stage: str, config: dict[str, Any]) -> dict[str, Any]:
+    spec = _spec(stage)
+    renamed = {theirs: ours for ours, theirs in spec.to_diffusers.items()}
+    return {renamed.get(k, k): v for k, v in config.items()
+            if not k.startswith("_") and k not in spec.diffusers_fixed}
+
+
+def read_weights(path: str | os.PathLike, stage: str, prefer_ema: bool = True) -> tuple[StateDict, dict | None]:
+    """(state dict in our layout, config or None) from any supported source; checks that it is ``stage``."""
+    path = Path(path)
+    config: dict[str, Any] | None = None
+    if path.is_dir():
+        state, diffusers_config = _read_diffusers_folder(path)
+        config = _config_from_diffusers(stage, diffusers_config)
+    elif path.suffix == ".safetensors":
+        state = load_file(path)
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+        if "wuerstchen_config" in metadata:
+            config = json.loads(metadata["wuerstchen_config"])
+    elif path.exists():
+        loaded = torch_load(path)
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a dict of tensors or a checkpoint dict, got {type(loaded).__name__}")
+        state = _from_checkpoint(loaded, stage, str(path), prefer_ema)
+    else:
+        raise FileNotFoundError(f"no weights at {path}")
+    state = strip_prefixes(state)
+    if is_diffusers_layout(state):
+        state = diffusers_to_released(state)
+    found = detect_stage(state)
+    if found != stage:
+        raise ValueError(f"{path} holds {'stage ' + found if found else 'no known'} network weights, not stage "
+                         f"{stage} ({len(state)} keys, e.g. {sorted(state)[:3]})")
+    return state, config
+
+
+def shape_mismatches(module: nn.Module, state: StateDict) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, wrong-shape) keys of ``state`` against ``module``."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                   if k in state and tuple(state[k].shape) != tuple(v.shape))
+    return missing, unexpected, wrong
+
+
+def infer_config(stage: str, state: StateDict) -> dict[str, Any]:
+    """The full-size preset whose keys and shapes equal ``state``'s (released files carry no config)."""
+    for preset in _spec(stage).presets:
+        with torch.device("meta"):
+            module = _spec(stage).builder(**preset)
+        if not any(shape_mismatches(module, state)):
+            return dict(preset)
+    raise ValueError(f"the stage {stage} weights match no known full-size layout; give the model config "
+                     f"explicitly (e.g. --config '{{\"c\": 32, \"depth\": 2, ...}}')")
+
+
+def load_network(stage: str, path: str | os.PathLike, config: dict[str, Any] | None = None,
+                 prefer_ema: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the network the weights at ``path`` belong to and load them strictly.
+
+    The config comes from the source when it carries one (diffusers folder, our safetensors); a ``config`` given as
+    well must agree with it. Otherwise ``config`` is used, or the full-size layout the shapes match.
+    """
+    state, found = read_weights(path, stage, prefer_ema)
+    if found is not None and config is not None:
+        conflicts = {k: (v, found[k]) for k, v in config.items() if k in found and found[k] != v}
+        if conflicts:
+            raise ValueError(f"model config disagrees with the one stored in {path}: "
+                             + ", ".join(f"{k}={ours!r} vs stored {theirs!r}" for k, (ours, theirs) in conflicts.items()))
+    config = {**(config or {}), **(found or {})} if (found or config) else infer_config(stage, state)
+    module = _spec(stage).builder(**config)
+    missing, unexpected, wrong = shape_mismatches(module, state)
+    if missing or unexpected or wrong:
+        raise ValueError(f"{path} does not fit stage {stage} with config {config}: missing {missing[:8]}"
+                         f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}, wrong shape {wrong[:8]}")
+    module.load_state_dict(state, strict=True)
+    return module, config
+
+
+def save_wuerstchen(state: StateDict, stage: str, config: dict[str, Any], dst: str | os.PathLike) -> None:
+    """Safetensors in the released key layout, the model config in the metadata; written atomically."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    metadata = {"format": "pt", "wuerstchen_stage": stage, "wuerstchen_config": json.dumps(config)}
+    tmp = dst.with_name(dst.name + ".tmp")
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, dst)
+
+
+def diffusers_class(stage: str) -> type:
+    spec = _spec(stage)
+    if spec.diffusers_class is None:
+        raise ValueError(f"diffusers has no class for stage {stage}; export it with --to wuerstchen")
+    module_name, class_name = spec.diffusers_class.rsplit(".", 1)
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def diffusers_config(stage: str, config: dict[str, Any]) -> dict[str, Any]:
+    spec = _spec(stage)
+    return {**{spec.to_diffusers.get(k, k): v for k, v in config.items()}, **spec.diffusers_fixed}
+
+
+def save_diffusers(state: StateDict, stage: str, config: dict[str, Any], dst: str | os.PathLike) -> None:
+    """A diffusers model folder that ``<DiffusersClass>.from_pretrained(dst)`` loads with every key present."""
+    cls = diffusers_class(stage)
+    with torch.device("meta"):
+        model = cls(**diffusers_config(stage, config))
+    theirs = released_to_diffusers(state)
+    missing, unexpected, wrong = shape_mismatches(model, theirs)
+    if missing or unexpected or wrong:  # from_pretrained would only warn and initialise them randomly
+        raise ValueError(f"stage {stage} weights do not fit {cls.__name__}: missing {missing[:8]}, "
+                         f"unexpected {unexpected[:8]}, wrong shape {wrong[:8]}")
+    model.load_state_dict({k: v.contiguous() for k, v in theirs.items()}, strict=True, assign=True)
+    model.save_pretrained(dst, safe_serialization=True)
