@@ -28,12 +28,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-ema", action="store_true", help="take the raw weights even when EMA weights exist")
     args = parser.parse_args(argv)
 
-    network, config = load_network(args.stage, args.src, args.config, prefer_ema=not args.no_ema)
-    state = network.state_dict()
-    if args.to == "wuerstchen":
-        save_wuerstchen(state, args.stage, config, args.dst)
-    else:
-        save_diffusers(state, args.stage, config, args.dst)
+    try:
+        network, config = load_network(args.stage, args.src, args.config, prefer_ema=not args.no_ema)
+        state = network.state_dict()
+        if args.to == "wuerstchen":
+            save_wuerstchen(state, args.stage, config, args.dst)
+        else:
+            save_diffusers(state, args.stage, config, args.dst)
+    except (ValueError, KeyError, FileNotFoundError) as exn:
+        parser.exit(2, f"error: {exn}\n")
     count = sum(v.numel() for v in network.parameters())
     print(f"stage {args.stage}: {count:,} parameters, config {json.dumps(config)} -> {args.dst} ({args.to})")
 
