@@ -174,8 +174,8 @@ def bench_stage(stage: str, args: argparse.Namespace) -> dict[str, Any]:
 def describe(stage: str, config: dict[str, Any]) -> str:
     if stage == "c":
         return f"c={config['c']} depth={config['depth']} nhead={config['nhead']} c_cond={config['c_cond']}"
-    dash = lambda values: "-".join(str(v) for v in values)  # noqa: E731
-    return f"c_hidden={dash(config['c_hidden'])} blocks={dash(config['blocks'])} c_cond={config['c_cond']}"
+    hidden, blocks = ("-".join(map(str, config[key])) for key in ("c_hidden", "blocks"))
+    return f"c_hidden={hidden} blocks={blocks} c_cond={config['c_cond']}"
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -129,9 +129,10 @@ def test_lightning_checkpoint_prefers_ema(tmp_path: Path) -> None:
     net, ema = randomise(StageC(**TINY_C)), randomise(StageC(**TINY_C), seed=3)
     checkpoint = {"pytorch-lightning_version": "2.6.0",
                   "state_dict": {f"stage_c.{k}": v for k, v in net.state_dict().items()},
-                  "ema": {"stage_c": ema.state_dict()}}
+                  "ema": {"stage_c": ema.state_dict()}, "network_configs": {"stage_c": net.config}}
     torch.save(checkpoint, tmp_path / "last.ckpt")
-    assert same_weights(load_network("c", tmp_path / "last.ckpt", TINY_C)[0], ema)
+    loaded, config = load_network("c", tmp_path / "last.ckpt")
+    assert same_weights(loaded, ema) and config == net.config
     assert same_weights(load_network("c", tmp_path / "last.ckpt", TINY_C, prefer_ema=False)[0], net)
 
 

@@ -67,7 +67,8 @@ class SemanticCompressor(nn.Module):
         c_latent: latent channels (16).
         backbone: ``"torchvision"`` (the released weights' key layout) or ``"timm"``.
         backbone_weights: None (random), ``"imagenet"`` (downloaded by torchvision/timm), or a local weight file.
-        timm_name: timm model name for ``backbone="timm"``.
+        timm_name: timm model name for ``backbone="timm"`` (any stride-32 model: ``tf_efficientnetv2_s`` gives the
+            paper's 1280-channel map, ``test_efficientnet`` a 0.1 M-parameter one for the CPU demo and the tests).
         affine: BatchNorm with learned scale and bias (released v2) or without (StableCascade, from scratch).
         latent_shift, latent_scale: the map into Stage C's latent space.
     """
@@ -76,13 +77,17 @@ class SemanticCompressor(nn.Module):
                  timm_name: str = "tf_efficientnetv2_s", affine: bool = False, latent_shift: float = 0.0,
                  latent_scale: float = 1.0) -> None:
         super().__init__()
+        # the architecture (not where the backbone's initial weights came from), stored with checkpoints and exports
+        self.config = dict(c_latent=c_latent, backbone=backbone, timm_name=timm_name, affine=affine,
+                           latent_shift=float(latent_shift), latent_scale=float(latent_scale))
         if backbone == "torchvision":
-            self.backbone = _torchvision_backbone(backbone_weights)
+            self.backbone, channels = _torchvision_backbone(backbone_weights), BACKBONE_CHANNELS
         elif backbone == "timm":
             self.backbone = _timm_backbone(backbone_weights, timm_name)
+            channels = self.backbone.model.num_features
         else:
             raise ValueError(f"backbone={backbone!r}: expected 'torchvision' or 'timm'")
-        self.mapper = nn.Sequential(nn.Conv2d(BACKBONE_CHANNELS, c_latent, kernel_size=1, bias=False),
+        self.mapper = nn.Sequential(nn.Conv2d(channels, c_latent, kernel_size=1, bias=False),
                                     nn.BatchNorm2d(c_latent, affine=affine))
         self.latent_shift = float(latent_shift)
         self.latent_scale = float(latent_scale)

@@ -99,6 +99,9 @@ class StageA(nn.Module):
                  codebook_size: int = 8192, scale_factor: float = 0.3764, commitment_weight: float = 0.25,
                  grad_checkpointing: bool = False) -> None:
         super().__init__()
+        # the architecture, stored with checkpoints and exports so they rebuild without outside knowledge
+        self.config = dict(levels=levels, bottleneck_blocks=bottleneck_blocks, c_hidden=c_hidden, c_latent=c_latent,
+                           codebook_size=codebook_size, scale_factor=scale_factor)
         self.scale_factor = scale_factor
         self.grad_checkpointing = grad_checkpointing
         c_levels = [c_hidden // 2**i for i in reversed(range(levels))]  # [192, 384]

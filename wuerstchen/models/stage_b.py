@@ -32,6 +32,11 @@ class StageB(nn.Module):
         if not len(c_hidden) == len(nhead) == len(blocks) == len(level_config) == len(inject_effnet):
             raise ValueError("c_hidden, nhead, blocks, level_config and inject_effnet need one entry per level")
         dropouts = list(dropout) if isinstance(dropout, Sequence) else [float(dropout)] * len(c_hidden)
+        # the architecture, stored with checkpoints and exports so they rebuild without outside knowledge
+        self.config = dict(c_in=c_in, c_out=c_out, c_r=c_r, patch_size=patch_size, c_cond=c_cond, c_hidden=c_hidden,
+                           nhead=nhead, blocks=blocks, level_config=level_config, inject_effnet=inject_effnet,
+                           effnet_embd=effnet_embd, clip_embd=clip_embd, kernel_size=kernel_size,
+                           dropout=dropouts if isinstance(dropout, Sequence) else float(dropout))
         self.c_r, self.num_blocks = c_r, sum(blocks)
         self.grad_checkpointing = False
         self.clip_mapper = nn.Linear(clip_embd, c_cond)

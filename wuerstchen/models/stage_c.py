@@ -21,6 +21,8 @@ class StageC(nn.Module):
     def __init__(self, c_in: int = 16, c: int = 1280, c_cond: int = 1024, c_r: int = 64, depth: int = 16,
                  nhead: int = 16, dropout: float = 0.1) -> None:
         super().__init__()
+        # the architecture, stored with checkpoints and exports so they rebuild without outside knowledge
+        self.config = dict(c_in=c_in, c=c, c_cond=c_cond, c_r=c_r, depth=depth, nhead=nhead, dropout=dropout)
         self.c_r = c_r
         self.depth = depth
         self.grad_checkpointing = False

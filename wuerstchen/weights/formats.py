@@ -5,7 +5,7 @@ Sources, detected from the path:
 - a diffusers model folder (``config.json`` + ``diffusion_pytorch_model.safetensors`` or ``.bin``);
 - a ``.safetensors`` file: our export (config in the metadata) or a bare state dict in either layout;
 - our Lightning training checkpoint (``.ckpt``): networks under ``state_dict`` as ``<stage attribute>.*``, EMA
-  weights under ``ema[<stage attribute>]`` (preferred).
+  weights under ``ema[<stage attribute>]`` (preferred), network configs under ``network_configs[<attribute>]``.
 
 Pickles are only ever read with ``torch.load(weights_only=True)``; a file that needs arbitrary unpickling is refused.
 """
@@ -85,26 +85,27 @@ def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def _from_checkpoint(obj: dict, stage: str, path: str, prefer_ema: bool) -> StateDict:
-    """Pick the network's tensors out of a loaded torch file (released .pt or our Lightning checkpoint)."""
+def _from_checkpoint(obj: dict, stage: str, path: str, prefer_ema: bool) -> tuple[StateDict, dict | None]:
+    """Pick the network's tensors (and config, if stored) out of a loaded released .pt or our checkpoint."""
     spec = _spec(stage)
     if "pytorch-lightning_version" in obj or "state_dict" in obj and isinstance(obj.get("ema"), dict):
+        config = (obj.get("network_configs") or {}).get(spec.attribute)
         ema = (obj.get("ema") or {}).get(spec.attribute)
         if prefer_ema and _is_state_dict(ema):
-            return ema
+            return ema, config
         prefix = spec.attribute + "."
         state = {k[len(prefix):]: v for k, v in obj.get("state_dict", {}).items() if k.startswith(prefix)}
         if state:
-            return state
+            return state, config
         raise KeyError(f"{path}: training checkpoint holds no '{prefix}*' weights for stage {stage}")
     candidates = ["ema_state_dict", "state_dict"] if prefer_ema else ["state_dict", "ema_state_dict"]
     if stage == "effnet":
         candidates = ["effnet_state_dict"]
     for key in candidates:
         if _is_state_dict(obj.get(key)):
-            return obj[key]
+            return obj[key], None
     if _is_state_dict(obj):
-        return obj
+        return obj, None
     raise KeyError(f"{path}: no state dict for stage {stage} (looked for {candidates}; top-level keys "
                    f"{sorted(obj)[:10]})")
 
@@ -148,7 +149,7 @@ def read_weights(path: str | os.PathLike, stage: str, prefer_ema: bool = True) -
         loaded = torch_load(path)
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a dict of tensors or a checkpoint dict, got {type(loaded).__name__}")
-        state = _from_checkpoint(loaded, stage, str(path), prefer_ema)
+        state, config = _from_checkpoint(loaded, stage, str(path), prefer_ema)
     else:
         raise FileNotFoundError(f"no weights at {path}")
     state = strip_prefixes(state)
