@@ -29,7 +29,7 @@ $(DATA_DIR)/val/00000.tar: | setup
 	$(PY) scripts/make_synthetic_shards.py --out $(DATA_DIR)/val --num-samples 256 --size 128 --seed 1 --shard-size 256
 
 demo: setup data
-	$(PY) scripts/check_data.py
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) scripts/demo.py --data $(DATA_DIR)
 
 test: setup
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)

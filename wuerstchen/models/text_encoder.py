@@ -51,21 +51,26 @@ class TextEncoder(nn.Module):
         model_name: open_clip architecture: ``ViT-H-14`` (Stage B, the paper's Stage C; width 1024),
             ``ViT-bigG-14`` (released v2 Stage C; width 1280), or ``wuerstchen-tiny-text`` for tests.
         pretrained: an open_clip tag (``laion2b_s32b_b79k``; needs the network once) or a local checkpoint file;
-            None keeps the random initialisation (tests, the CPU demo).
+            None keeps a random initialisation drawn from ``seed`` (tests, the CPU demo), so every process that
+            builds the same encoder gets the same weights and training and sampling see the same conditioning.
         padding_mask: let positions after the end token attend to the real tokens only, as HF's CLIPTextModel
             called with the attention mask did for the released models; off gives open_clip's causal-only states.
     """
 
-    def __init__(self, model_name: str = "ViT-H-14", pretrained: str | None = None, padding_mask: bool = True) -> None:
+    def __init__(self, model_name: str = "ViT-H-14", pretrained: str | None = None, padding_mask: bool = True,
+                 seed: int = 0) -> None:
         super().__init__()
         config = open_clip.get_model_config(model_name)
         if config is None:
             raise ValueError(f"unknown open_clip model {model_name!r}; known: {open_clip.list_models()}")
         self.model_name = model_name
         self.padding_mask = padding_mask
+        self.config = dict(model_name=model_name, pretrained=pretrained, padding_mask=padding_mask, seed=seed)
         self.tokenizer = open_clip.get_tokenizer(model_name)
-        self.text = _build_text_tower(config["embed_dim"], config["text_cfg"],
-                                      quick_gelu=config.get("quick_gelu", False))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.text = _build_text_tower(config["embed_dim"], config["text_cfg"],
+                                          quick_gelu=config.get("quick_gelu", False))
         if pretrained is not None:
             path = _resolve_weights(model_name, pretrained)
             self.text.load_state_dict(text_state_dict(_load_state_dict(path)), strict=True)

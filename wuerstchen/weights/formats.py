@@ -68,10 +68,10 @@ def _spec(stage: str) -> StageSpec:
     return STAGES[stage]
 
 
-def torch_load(path: str | os.PathLike) -> Any:
-    """``torch.load`` restricted to tensors and plain containers."""
+def torch_load(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """``torch.load`` restricted to tensors and plain containers (``mmap``: read tensors lazily from disk)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exn:  # torch raises UnpicklingError (and others) for anything beyond plain data
         if "weights_only" in str(exn) or "Unpickl" in type(exn).__name__:
             raise ValueError(

@@ -1,0 +1,93 @@
+"""Text-to-image through Stage C -> B -> A from our checkpoints or converted released weights.
+
+    python scripts/sample.py stage_b_ckpt=runs/demo/stage_b/checkpoints/last.ckpt \
+        stage_c_ckpt=runs/demo/stage_c/checkpoints/last.ckpt prompt="a red circle in the top left" height=128 width=128
+
+Writes one PNG per image, ``grid.png`` and ``samples.json`` (prompt, seed and file of every image) to ``out``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torchvision.utils import save_image
+
+from wuerstchen.diffusion import linear_timesteps, stage_c_timesteps
+from wuerstchen.models.text_encoder import TextEncoder
+from wuerstchen.pipeline import Pipeline
+from wuerstchen.weights import load_network, torch_load
+
+log = logging.getLogger(__name__)
+
+
+def text_encoder(override: DictConfig | None, ckpt: str, name: str) -> TextEncoder:
+    """The text encoder a checkpoint was trained with, or the one the config names."""
+    if override is not None:
+        return TextEncoder(**OmegaConf.to_container(override))
+    recorded = (torch_load(ckpt, mmap=True).get("text_encoders") or {}).get(name)
+    if recorded is None:
+        raise ValueError(f"{ckpt} records no text encoder: set {'text_encoder' if name == 'text_encoder' else name}"
+                         f"={{model_name: ..., pretrained: ...}}")
+    return TextEncoder(**recorded)
+
+
+def load_pipeline(cfg: DictConfig, device: torch.device) -> Pipeline:
+    prefer_ema = bool(cfg.ema)
+    stage_c, _ = load_network("c", cfg.stage_c_ckpt, prefer_ema=prefer_ema)
+    stage_b, _ = load_network("b", cfg.stage_b_ckpt, prefer_ema=prefer_ema)
+    effnet, _ = load_network("effnet", cfg.stage_b_ckpt)
+    stage_a, _ = load_network("a", cfg.stage_a_ckpt or cfg.stage_b_ckpt)
+    encoder_c = text_encoder(cfg.text_encoder, cfg.stage_c_ckpt, "text_encoder")
+    encoder_b = text_encoder(cfg.decoder_text_encoder, cfg.stage_b_ckpt, "text_encoder")
+    for module in (stage_c, stage_b, effnet, stage_a, encoder_c, encoder_b):
+        module.to(device).eval()
+    return Pipeline(stage_c, stage_b, stage_a, effnet, encoder_c, encoder_b)
+
+
+def prompts(cfg: DictConfig) -> list[str]:
+    if cfg.prompts_file:
+        lines = [line.strip() for line in Path(cfg.prompts_file).read_text().splitlines()]
+        return [line for line in lines if line]
+    if cfg.prompt:
+        return [str(cfg.prompt)]
+    raise ValueError("set prompt=... or prompts_file=...")
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60]
+
+
+@hydra.main(version_base="1.3", config_path="../configs", config_name="sample")
+def main(cfg: DictConfig) -> None:
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+    pipeline = load_pipeline(cfg, device)
+    jobs = [p for p in prompts(cfg) for _ in range(cfg.num_images)]
+    grid = stage_c_timesteps() if cfg.steps == 29 else linear_timesteps(cfg.steps)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    images, records = [], []
+    for start in range(0, len(jobs), cfg.batch_size):
+        batch = jobs[start:start + cfg.batch_size]
+        generated = pipeline(batch, cfg.height, cfg.width, grid, cfg.cfg, cfg.decoder_steps, cfg.decoder_cfg,
+                             generator).cpu()
+        for offset, (caption, image) in enumerate(zip(batch, generated)):
+            path = out / f"{start + offset:04d}_{slug(caption)}.png"
+            save_image(image, path)
+            records.append({"prompt": caption, "file": path.name, "index": start + offset})
+        images.append(generated)
+        log.info("%d / %d images", min(start + cfg.batch_size, len(jobs)), len(jobs))
+    save_image(torch.cat(images), out / "grid.png", nrow=cfg.num_images)
+    (out / "samples.json").write_text(json.dumps({"seed": cfg.seed, "images": records}, indent=1) + "\n")
+    print(f"wrote {len(jobs)} images and grid.png to {out}")
+
+
+if __name__ == "__main__":
+    main()

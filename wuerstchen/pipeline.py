@@ -1,0 +1,93 @@
+"""Text-to-image through C -> B -> A (SPEC.md section 1): Stage C samples the semantic latent, Stage B the Stage A
+latent conditioned on it, Stage A decodes to pixels."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .diffusion import classifier_free_guidance, ddpm_sample, linear_timesteps
+from .models import SemanticCompressor, StageA, StageB, StageC
+
+
+def prior_latent_size(side: int, compression: float = 42.67) -> int:
+    """Stage C latent side for an output side: ceil(side / 42.67) (1024 -> 24, 2048 -> 48)."""
+    return math.ceil(side / compression)
+
+
+class _Prior:
+    """denoise(x, t, clip) for Stage C (a class, so no closure captures stale modules)."""
+
+    def __init__(self, stage_c: StageC) -> None:
+        self.stage_c = stage_c
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
+        return self.stage_c(x, t, clip)
+
+
+class _Decoder:
+    """denoise(x, t, (effnet, clip)) for Stage B."""
+
+    def __init__(self, stage_b: StageB) -> None:
+        self.stage_b = stage_b
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        effnet, clip = cond
+        return self.stage_b(x, t, effnet, clip)
+
+
+@torch.no_grad()
+def sample_prior(stage_c: StageC, text_encoder: nn.Module, captions: Sequence[str], height: int, width: int,
+                 steps: int | torch.Tensor = 60, cfg: float | None = 4.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Stage C: captions -> latents in Stage C's space (B, 16, h, w) for an output of height x width."""
+    device = next(stage_c.parameters()).device
+    clip = text_encoder(list(captions)).to(device)
+    uncond = text_encoder([""]).to(device)
+    shape = (len(captions), stage_c.config["c_in"], prior_latent_size(height), prior_latent_size(width))
+    x = torch.randn(shape, generator=generator, device=device)
+    grid = steps if torch.is_tensor(steps) else linear_timesteps(steps)
+    denoise = classifier_free_guidance(_Prior(stage_c), cfg, uncond)
+    return ddpm_sample(denoise, x, grid.to(device), clip, generator=generator)
+
+
+@torch.no_grad()
+def sample_decoder(stage_b: StageB, stage_a: StageA, text_encoder: nn.Module, effnet: torch.Tensor,
+                   captions: Sequence[str], height: int, width: int, steps: int = 12, cfg: float | None = None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Stage B + Stage A: compressor latents (B, 16, h, w) -> images (B, 3, height, width) in [0, 1]."""
+    device = effnet.device
+    clip = text_encoder(list(captions)).to(device)
+    shape = (effnet.shape[0], stage_b.config["c_in"], height // 4, width // 4)
+    x = torch.randn(shape, generator=generator, device=device)
+    uncond = (torch.zeros_like(effnet[:1]), text_encoder([""]).to(device))
+    denoise = classifier_free_guidance(_Decoder(stage_b), cfg, uncond)
+    latents = ddpm_sample(denoise, x, linear_timesteps(steps).to(device), (effnet, clip), generator=generator)
+    return stage_a.decode(latents).clamp(0, 1)
+
+
+@dataclass
+class Pipeline:
+    """The three stages plus what conditions them; the text encoders may be one module (same CLIP) or two."""
+
+    stage_c: StageC
+    stage_b: StageB
+    stage_a: StageA
+    effnet: SemanticCompressor  # only its latent map (from_prior) is used at sampling
+    text_encoder_c: nn.Module
+    text_encoder_b: nn.Module
+
+    def __call__(self, captions: Sequence[str], height: int, width: int, prior_steps: int | torch.Tensor = 60,
+                 prior_cfg: float | None = 4.0, decoder_steps: int = 12, decoder_cfg: float | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Captions -> images (B, 3, height, width) in [0, 1]."""
+        if height % 32 or width % 32:
+            raise ValueError(f"height={height} and width={width} must be multiples of 32")
+        prior = sample_prior(self.stage_c, self.text_encoder_c, captions, height, width, prior_steps, prior_cfg,
+                             generator)
+        return sample_decoder(self.stage_b, self.stage_a, self.text_encoder_b, self.effnet.from_prior(prior),
+                              captions, height, width, decoder_steps, decoder_cfg, generator)

@@ -1,0 +1,149 @@
+"""What every stage's LightningModule shares: optimizer wiring, EMA, frozen parts, checkpoint extras, logging."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from ..weights import load_network, read_weights
+from ..weights.formats import shape_mismatches
+from .ema import EMA
+from .optim import OptimizerFactory, SchedulerFactory, build_optimizer
+
+
+def load_frozen(stage: str, path: str | None, what: str) -> nn.Module:
+    """A frozen network from a checkpoint path, or a clear error naming the config key that should give it."""
+    if not path:
+        raise ValueError(f"{what} is required: set {what}=PATH (a checkpoint of ours, a released .pt, a diffusers "
+                         f"folder or a safetensors export)")
+    network, _ = load_network(stage, path)
+    return network.eval().requires_grad_(False)
+
+
+class Frozen:
+    """Networks a stage uses but never trains or saves (the text encoder): kept out of ``nn.Module`` registration,
+    so optimizers, sharding and checkpoints skip them; moved to the device with the module."""
+
+    def __init__(self, **modules: nn.Module | None) -> None:
+        self.modules = {name: m.eval().requires_grad_(False) for name, m in modules.items() if m is not None}
+
+    def __getattr__(self, name: str) -> nn.Module:
+        try:
+            return self.__dict__["modules"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to(self, device: torch.device) -> None:
+        for module in self.modules.values():
+            module.to(device)
+
+
+def drop_captions(captions: Sequence[str], prob: float, rng: random.Random | None = None) -> list[str]:
+    """Replace each caption by the empty one with probability ``prob`` (classifier-free guidance training)."""
+    draw = rng.random if rng is not None else random.random
+    return ["" if prob > 0 and draw() < prob else c for c in captions]
+
+
+class StageModule(L.LightningModule):
+    """Base of the three stage modules.
+
+    Subclasses set ``trained`` (attribute names of the networks being trained, the first one also EMA'd) and
+    ``frozen_modules`` (registered submodules that stay in eval mode and out of the optimizer), and implement
+    ``training_step``.
+    """
+
+    trained: tuple[str, ...] = ()
+    frozen_modules: tuple[str, ...] = ()
+    weights_stage: str = ""  # the trained network's stage in wuerstchen.weights ("a", "b", "c")
+
+    def __init__(self, optimizer: OptimizerFactory, scheduler: SchedulerFactory | None = None,
+                 ema: dict[str, Any] | None = None, grad_clip: float | None = 1.0) -> None:
+        super().__init__()
+        self.grad_clip = grad_clip
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.ema_config = ema
+        self.ema: EMA | None = None
+        self._ema_step = -1
+
+    # -- networks ---------------------------------------------------------------------------------------------------
+    @property
+    def network(self) -> nn.Module:
+        """The main trained network (the one EMA follows)."""
+        return getattr(self, self.trained[0])
+
+    def init_from(self, path: str) -> None:
+        """Start the trained network from weights in any supported format; the architectures must agree."""
+        state, config = read_weights(path, self.weights_stage)
+        ours = getattr(self.network, "config", {})
+        conflicts = {k: (ours[k], v) for k, v in (config or {}).items() if k in ours and ours[k] != v and k != "dropout"}
+        if conflicts:
+            raise ValueError(f"init_from={path}: the weights' config disagrees with the model config: "
+                             + ", ".join(f"{k}: model {a!r} vs weights {b!r}" for k, (a, b) in conflicts.items()))
+        missing, unexpected, wrong = shape_mismatches(self.network, state)
+        if missing or unexpected or wrong:
+            raise ValueError(f"init_from={path} does not fit the model: missing {missing[:8]}, unexpected "
+                             f"{unexpected[:8]}, wrong shape {wrong[:8]}")
+        self.network.load_state_dict(state, strict=True)
+
+    def setup_ema(self) -> None:
+        if self.ema_config is not None and self.ema is None:
+            self.ema = EMA(self.network, **self.ema_config)
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        for name in self.trained:
+            yield from getattr(self, name).parameters()
+
+    def train(self, mode: bool = True) -> "StageModule":
+        super().train(mode)
+        for name in self.frozen_modules:
+            getattr(self, name).eval()  # frozen BatchNorm statistics and no dropout, whatever the trainer asks
+        return self
+
+    def configure_optimizers(self) -> dict:
+        return build_optimizer(self.trainable_parameters(), self.optimizer_factory, self.scheduler_factory)
+
+    # -- hooks ------------------------------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        self.setup_ema()
+        if self.ema is not None:
+            self.ema.to(self.device)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None and self.global_step != self._ema_step:  # once per optimizer step
+            self._ema_step = self.global_step
+            self.ema.update(self.network, self.global_step - 1)
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clip by the stage's ``grad_clip`` (one place for automatic and manual optimisation alike)."""
+        if self.grad_clip:
+            self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), on_step=True, on_epoch=False)
+        self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["network_configs"] = {name: module.config for name, module in self.named_children()
+                                         if hasattr(module, "config")}
+        if self.ema is not None:
+            checkpoint["ema"] = {self.trained[0]: self.ema.state_dict()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        ema_state = (checkpoint.get("ema") or {}).get(self.trained[0])
+        if ema_state is not None:
+            self.setup_ema()
+            self.ema.load_state_dict(ema_state)
+
+    def averaged(self) -> AbstractContextManager[nn.Module]:
+        """Context manager that swaps the EMA weights into the network (a no-op without EMA)."""
+        return nullcontext(self.network) if self.ema is None else self.ema.swapped_into(self.network)

@@ -1,0 +1,198 @@
+"""Stage B and Stage C LightningModules: they only wire conditions, the objective and logging."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+from ..diffusion import add_noise, diffusion_loss, sample_t
+from ..models import SemanticCompressor, StageA, StageB, StageC
+from ..models.text_encoder import TextEncoder
+from ..pipeline import sample_decoder, sample_prior
+from .base import Frozen, StageModule, drop_captions, load_frozen
+
+
+class DiffusionStageModule(StageModule):
+    """Shared by Stage B and C: text conditioning with caption dropout, the eps objective, loss logging."""
+
+    def __init__(self, text_encoder: TextEncoder, weighting: str = "code", caption_drop_prob: float = 0.05,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.frozen = Frozen(text_encoder=text_encoder)
+        self.weighting = weighting
+        self.caption_drop_prob = caption_drop_prob
+        self._caption_rng = random.Random(0)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        # how to rebuild the (unsaved) text encoders: sampling needs the very same conditioning
+        checkpoint["text_encoders"] = {name: module.config for name, module in self.frozen.modules.items()
+                                       if isinstance(module, TextEncoder)}
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.frozen.to(self.device)
+        # caption dropout is part of the stream of random choices a seeded run repeats
+        self._caption_rng = random.Random(f"captions/{torch.initial_seed()}/{self.global_rank}")
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str], drop: bool) -> torch.Tensor:
+        if drop:
+            captions = drop_captions(captions, self.caption_drop_prob, self._caption_rng)
+        return self.frozen.text_encoder(captions)  # (B, 77, width)
+
+    def log_losses(self, losses: dict[str, torch.Tensor], prefix: str, batch_size: int) -> None:
+        on_step = prefix == "train"
+        self.log(f"{prefix}/loss", losses["loss_unweighted"], on_step=on_step, on_epoch=not on_step,
+                 prog_bar=on_step, batch_size=batch_size, sync_dist=not on_step)
+        self.log(f"{prefix}/loss_weighted", losses["loss"], on_step=on_step, on_epoch=not on_step,
+                 batch_size=batch_size, sync_dist=not on_step)
+
+    def objective(self, x0: torch.Tensor, generator: torch.Generator | None = None,
+                  **cond: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The eps loss at the official t distribution; ``generator`` fixes t and noise (validation)."""
+        t = sample_t(x0.shape[0], generator=generator, device=x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        return diffusion_loss(self.network, x0, t, noise, weighting=self.weighting, **cond)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        x0, cond = self.inputs(batch, train=True)
+        losses = self.objective(x0, **cond)
+        self.log_losses(losses, "train", len(batch["captions"]))
+        return losses["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        generator = torch.Generator(self.device).manual_seed(batch_idx)  # the same t and noise every validation
+        x0, cond = self.inputs(batch, train=False)
+        with self.averaged():
+            losses = self.objective(x0, generator=generator, **cond)
+        self.log_losses(losses, "val", len(batch["captions"]))
+
+    def inputs(self, batch: dict[str, Any], train: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def preview(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Samples for the batch's captions from the raw and (if any) EMA weights, same seed for both."""
+        out = {"input": batch["images"]} if "images" in batch else {}
+        raw = self.sample(batch)
+        if raw is None:
+            return out
+        out["sample"] = raw
+        if self.ema is not None:
+            with self.averaged():
+                out["sample_ema"] = self.sample(batch)
+        return out
+
+    def sample(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        raise NotImplementedError
+
+
+class StageCModule(DiffusionStageModule):
+    """Stage C: text -> semantic latent. The compressor (from the Stage B checkpoint) and text encoder are frozen.
+
+    Args:
+        stage_c: the prior.
+        stage_b_ckpt: the Stage B checkpoint holding the jointly fine-tuned compressor (``effnet.*``).
+        effnet: a compressor to use instead of ``stage_b_ckpt`` (e.g. released weights loaded elsewhere).
+        text_encoder: frozen CLIP text tower (``c_cond`` wide).
+    """
+
+    trained = ("stage_c",)
+    weights_stage = "c"
+    frozen_modules = ("effnet",)
+
+    def __init__(self, stage_c: StageC, text_encoder: TextEncoder, stage_b_ckpt: str | None = None,
+                 effnet: SemanticCompressor | None = None, decoder_text_encoder: TextEncoder | None = None,
+                 preview_size: int = 256, preview_steps: int = 20, preview_cfg: float = 4.0, **kwargs: Any) -> None:
+        super().__init__(text_encoder=text_encoder, **kwargs)
+        self.stage_c = stage_c
+        self.effnet = effnet.eval().requires_grad_(False) if effnet is not None else \
+            load_frozen("effnet", stage_b_ckpt, "stage_b_ckpt")
+        self.stage_b_ckpt = stage_b_ckpt
+        self.preview_size, self.preview_steps, self.preview_cfg = preview_size, preview_steps, preview_cfg
+        self.frozen.modules.update(self._decoder(stage_b_ckpt, decoder_text_encoder or text_encoder))
+
+    @staticmethod
+    def _decoder(stage_b_ckpt: str | None, text_encoder: TextEncoder) -> dict[str, Any]:
+        """Stage B and A for previews, when the Stage B checkpoint holds them (ours does; a released .pt only B)."""
+        if not stage_b_ckpt:
+            return {}
+        try:
+            modules = {"stage_b": load_frozen("b", stage_b_ckpt, "stage_b_ckpt"),
+                       "stage_a": load_frozen("a", stage_b_ckpt, "stage_b_ckpt")}
+        except (KeyError, ValueError):
+            return {}
+        modules["decoder_text_encoder"] = text_encoder
+        return modules
+
+    def sample(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        if "stage_b" not in self.frozen.modules:
+            return None  # no decoder to look through: previews need a Stage B checkpoint with Stage A inside
+        generator = torch.Generator(self.device).manual_seed(0)
+        size = self.preview_size
+        prior = sample_prior(self.stage_c, self.frozen.text_encoder, batch["captions"], size, size,
+                             self.preview_steps, self.preview_cfg, generator)
+        return sample_decoder(self.frozen.stage_b, self.frozen.stage_a, self.frozen.decoder_text_encoder,
+                              self.effnet.from_prior(prior), batch["captions"], size, size, generator=generator)
+
+    def inputs(self, batch: dict[str, Any], train: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with torch.no_grad():
+            latents = self.effnet.to_prior(self.effnet(batch["effnet_images"]))  # (B, 16, h, w)
+        return latents, {"clip": self.encode_text(batch["captions"], drop=train)}
+
+
+class StageBModule(DiffusionStageModule):
+    """Stage B: decode Stage A latents from the semantic latent and the caption; the compressor trains jointly.
+
+    Args:
+        stage_b: the decoder.
+        effnet: the semantic compressor, in the same optimizer (SyncBatchNorm under DDP/FSDP comes with the strategy).
+        stage_a_ckpt: the frozen Stage A (its encoder gives the training targets).
+        effnet_drop_prob: per sample, zero the semantic latent (for CFG over it).
+        effnet_noise_prob / effnet_noise_t_max: per sample, noise the latent with the same cosine diffusion at
+            t ~ U[0, t_max), so Stage B tolerates imperfect Stage C samples.
+    """
+
+    trained = ("stage_b", "effnet")
+    weights_stage = "b"
+    frozen_modules = ("stage_a",)
+
+    def __init__(self, stage_b: StageB, effnet: SemanticCompressor, text_encoder: TextEncoder,
+                 stage_a_ckpt: str | None = None, stage_a: StageA | None = None, effnet_drop_prob: float = 0.05,
+                 effnet_noise_prob: float = 0.3, effnet_noise_t_max: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(text_encoder=text_encoder, **kwargs)
+        self.stage_b = stage_b
+        self.effnet = effnet
+        self.stage_a = stage_a.eval().requires_grad_(False) if stage_a is not None else \
+            load_frozen("a", stage_a_ckpt, "stage_a_ckpt")
+        self.effnet_drop_prob = effnet_drop_prob
+        self.effnet_noise_prob = effnet_noise_prob
+        self.effnet_noise_t_max = effnet_noise_t_max
+
+    def sample(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Stage B's reconstruction of the batch from its own semantic latents (decoded by Stage A)."""
+        generator = torch.Generator(self.device).manual_seed(0)
+        height, width = batch["images"].shape[-2:]
+        return sample_decoder(self.stage_b, self.stage_a, self.frozen.text_encoder,
+                              self.effnet(batch["effnet_images"]), batch["captions"], height, width,
+                              generator=generator)
+
+    def augment_effnet(self, latent: torch.Tensor) -> torch.Tensor:
+        """Per-sample zeroing (p = effnet_drop_prob) or noising (p = effnet_noise_prob) of the semantic latent."""
+        batch = latent.shape[0]
+        u = torch.rand(batch, device=latent.device)
+        noised = add_noise(latent, torch.randn_like(latent),
+                           torch.rand(batch, device=latent.device) * self.effnet_noise_t_max)
+        noise_mask = (u >= self.effnet_drop_prob) & (u < self.effnet_drop_prob + self.effnet_noise_prob)
+        keep_mask = (u >= self.effnet_drop_prob).to(latent.dtype)
+        latent = torch.where(noise_mask[:, None, None, None], noised, latent)
+        return latent * keep_mask[:, None, None, None]
+
+    def inputs(self, batch: dict[str, Any], train: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with torch.no_grad():
+            x0 = self.stage_a.encode(batch["images"])  # (B, 4, H/4, W/4), unquantised
+        effnet = self.effnet(batch["effnet_images"])  # (B, 16, h, w), gradients reach the compressor
+        if train:
+            effnet = self.augment_effnet(effnet)
+        return x0, {"effnet": effnet, "clip": self.encode_text(batch["captions"], drop=train)}

@@ -1,0 +1,67 @@
+"""Exponential moving average of a network's weights, with its own state dict and a swap-in context manager."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """EMA of ``model``'s parameters (buffers are copied) on a step schedule.
+
+    Until ``start_step`` the average is a plain copy; from then on every ``every`` steps
+    ``ema = decay * ema + (1 - decay) * weights``. The released Stage C schedule is ``decay=0.9, every=100,
+    start_step=5000`` (about 0.99895 per step); ``every=1`` gives the usual per-step EMA.
+
+    It is deliberately not an ``nn.Module`` attribute of the LightningModule: the optimizer never sees it and a
+    sharding wrapper never wraps it. Its weights go into checkpoints through :meth:`state_dict`.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, start_step: int = 0, every: int = 1) -> None:
+        if not 0.0 <= decay <= 1.0 or every < 1:
+            raise ValueError(f"EMA needs 0 <= decay <= 1 and every >= 1, got decay={decay}, every={every}")
+        self.decay, self.start_step, self.every = float(decay), int(start_step), int(every)
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def to(self, device: torch.device | str) -> "EMA":
+        self.module.to(device)
+        return self
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        """Fold ``model``'s current weights in, for optimizer step number ``step`` (0-based)."""
+        if step < self.start_step:
+            self._copy_from(model)
+            return
+        if (step - self.start_step) % self.every:
+            return
+        ema_params = [p for p in self.module.parameters()]
+        params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
+        torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)
+        for ema_buffer, buffer in zip(self.module.buffers(), model.buffers()):
+            ema_buffer.copy_(buffer)
+
+    def _copy_from(self, model: nn.Module) -> None:
+        for target, source in zip(self.module.state_dict().values(), model.state_dict().values()):
+            target.copy_(source)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The averaged weights, keyed like the network's own state dict."""
+        return self.module.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state_dict, strict=True)
+
+    @contextmanager
+    def swapped_into(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Temporarily give ``model`` the averaged weights (previews, validation); restores them afterwards."""
+        backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self.module.state_dict())
+        try:
+            yield model
+        finally:
+            model.load_state_dict(backup)
