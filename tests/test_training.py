@@ -58,11 +58,11 @@ def run(script: str, *overrides: str, check: bool = True) -> subprocess.Complete
     return result
 
 
-def losses(run_dir: Path) -> list[float]:
+def losses(run_dir: Path, key: str = "train/loss") -> list[float]:
     rows = []
     for metrics in sorted((run_dir / "csv").glob("version_*/metrics.csv")):
         with open(metrics) as f:
-            rows += [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+            rows += [float(r[key]) for r in csv.DictReader(f) if r.get(key)]
     return rows
 
 
@@ -97,8 +97,9 @@ def chain(shards: Path, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("stage", ["a", "b", "c"])
 def test_each_stage_trains_and_its_loss_falls(chain: dict[str, Path], stage: str) -> None:
-    values = losses(chain[stage])
-    assert len(values) == 60
+    assert len(losses(chain[stage])) == 60  # `train/loss` logged every step
+    # Stage A's total includes the VQ loss, which rises while the codebook moves onto the data: judge its pixels
+    values = losses(chain[stage], "train/rec_loss" if stage == "a" else "train/loss")
     first, last = sum(values[:10]) / 10, sum(values[-10:]) / 10
     assert last < 0.8 * first, (stage, first, last)
     assert (chain[stage] / "checkpoints" / "last.ckpt").exists()
