@@ -19,14 +19,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -e '.[dev]'
 	touch $@
 
-# The built-in synthetic dataset: 128 px shapes with captions, LAION-style metadata and broken-free shards.
+# The built-in synthetic dataset: 64 px shapes with captions, LAION-style metadata and broken-free shards.
 data: $(DATA_DIR)/train/00007.tar $(DATA_DIR)/val/00000.tar
 
 $(DATA_DIR)/train/00007.tar: | setup
-	$(PY) scripts/make_synthetic_shards.py --out $(DATA_DIR)/train --num-samples 4000 --size 128 --seed 0 --shard-size 500
+	$(PY) scripts/make_synthetic_shards.py --out $(DATA_DIR)/train --num-samples 4000 --size 64 --seed 0 --shard-size 500
 
 $(DATA_DIR)/val/00000.tar: | setup
-	$(PY) scripts/make_synthetic_shards.py --out $(DATA_DIR)/val --num-samples 256 --size 128 --seed 1 --shard-size 256
+	$(PY) scripts/make_synthetic_shards.py --out $(DATA_DIR)/val --num-samples 256 --size 64 --seed 1 --shard-size 256
 
 demo: setup data
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) scripts/demo.py --data $(DATA_DIR)

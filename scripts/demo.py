@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -49,6 +50,7 @@ def train(out: Path, data: Path, fresh: bool) -> dict[str, float]:
             print(f"== {name}: reusing {run_dir / 'checkpoints' / 'last.ckpt'} (--fresh retrains)")
             continue
         print(f"== training {name} ({experiment})", flush=True)
+        shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: no stale last.ckpt beside the new one
         command = [sys.executable, str(ROOT / "scripts" / "train.py"), f"experiment={experiment}",
                    f"run_dir={run_dir}", f"data.urls={data / 'train'}", f"data.val_urls={data / 'val'}",
                    f"stage_a_ckpt={out / 'stage_a' / 'checkpoints' / 'last.ckpt'}",
@@ -118,7 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "demo")
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "synthetic")
-    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--num-images", type=int, default=128, help="generated images scored (>= 100)")
     parser.add_argument("--fresh", action="store_true", help="retrain stages that have a checkpoint already")
     args = parser.parse_args()

@@ -9,22 +9,26 @@ from torch.optim.lr_scheduler import LambdaLR
 
 
 class LinearWarmup:
-    """LR factor rising linearly from ~0 to 1 over ``warmup_steps`` optimizer steps, then constant.
+    """LR factor rising linearly from ~0 to 1 over ``warmup_steps`` optimizer steps, then constant (the released
+    recipe), or, with ``decay_until``, falling linearly to 0 at that step (short runs end better annealed).
 
     A class, not a lambda, so the scheduler's state dict (and with it the checkpoint) keeps it.
     """
 
-    def __init__(self, warmup_steps: int) -> None:
+    def __init__(self, warmup_steps: int, decay_until: int | None = None) -> None:
         self.warmup_steps = int(warmup_steps)
+        self.decay_until = decay_until
 
     def __call__(self, step: int) -> float:
-        if self.warmup_steps <= 0:
-            return 1.0
-        return min(1.0, (step + 1) / self.warmup_steps)
+        warm = 1.0 if self.warmup_steps <= 0 else min(1.0, (step + 1) / self.warmup_steps)
+        if self.decay_until is None or step < self.warmup_steps:
+            return warm
+        return max(0.0, (self.decay_until - step) / max(1, self.decay_until - self.warmup_steps))
 
 
-def warmup_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int = 10_000) -> LambdaLR:
-    return LambdaLR(optimizer, LinearWarmup(warmup_steps))
+def warmup_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int = 10_000,
+                     decay_until: int | None = None) -> LambdaLR:
+    return LambdaLR(optimizer, LinearWarmup(warmup_steps, decay_until))
 
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
