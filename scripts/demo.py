@@ -100,7 +100,9 @@ def generate(out: Path, samples: list[dict], size: int, batch_size: int = 16) ->
 
 
 def captioned_grid(images: torch.Tensor, captions: list[str], path: Path, columns: int = 8) -> None:
-    """A PNG grid with each image's caption under it."""
+    """A PNG grid with each image's caption under it (small images upscaled so captions fit)."""
+    if images.shape[-1] < 128:
+        images = torch.nn.functional.interpolate(images, size=(128, 128), mode="nearest")
     side = images.shape[-1]
     cell_h = side + 28
     rows = (len(images) + columns - 1) // columns

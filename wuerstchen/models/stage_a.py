@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wuerstchen.models.common import LayerNorm2d, maybe_checkpoint
+from .common import LayerNorm2d, maybe_checkpoint
 
 
 class MixingResidualBlock(nn.Module):
