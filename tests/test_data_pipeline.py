@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import GOOD_META, good_sample, image_bytes, write_good_shards, write_tar
+from conftest import GOOD_META, good_sample, image_bytes, write_tar
 from wuerstchen.data import (ImageTransform, LaionFilter, NoUsableSamplesError, ShardSpecError,
                              WebImageTextDataset)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-from conftest import GOOD_META, good_sample, image_bytes, write_good_shards, write_tar
+from conftest import GOOD_META, good_sample, image_bytes, write_tar
 from wuerstchen.data import LaionFilter
 from wuerstchen.data.datamodule import DataStatsMonitor, WebDataModule
 from wuerstchen.data.transforms import IMAGENET_MEAN, IMAGENET_STD

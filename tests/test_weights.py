@@ -162,7 +162,7 @@ def test_hub_folders_naming_library_wuerstchen_resolve_the_diffusers_classes(tmp
     assert wuerstchen.WuerstchenPrior is WuerstchenPrior and wuerstchen.PaellaVQModel is PaellaVQModel
     prior = randomise(WuerstchenPrior(**TINY_C))
     prior.save_pretrained(tmp_path / "prior")
-    loaded = getattr(wuerstchen, "WuerstchenPrior").from_pretrained(tmp_path / "prior")
+    loaded = getattr(wuerstchen, "WuerstchenPrior").from_pretrained(tmp_path / "prior")  # noqa: B009 (as diffusers looks it up)
     assert same_weights(loaded, prior)
     with pytest.raises(AttributeError):
         wuerstchen.NoSuchThing  # noqa: B018
