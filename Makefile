@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DATA_DIR ?= data/synthetic
 PYTEST_ARGS ?=
 
-.PHONY: setup demo data test test-all bench-data clean
+.PHONY: setup demo data test test-all slurm-deps bench-data clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,15 @@ test: setup
 
 test-all: setup
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The real-Slurm test needs these (root, Debian/Ubuntu); without them it is skipped.
+slurm-deps:
+	@if command -v slurmctld >/dev/null && command -v munged >/dev/null; then echo "slurm: installed"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends slurmctld slurmd slurm-client munge \
+	  || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	      slurmctld slurmd slurm-client munge); \
+	else echo "slurm: not installed and no root apt-get; tests/test_slurm.py will be skipped"; fi
 
 bench-data: setup
 	$(PY) scripts/bench_data.py

@@ -2,8 +2,9 @@
 
     python scripts/demo.py [--out outputs/demo] [--data data/synthetic] [--fresh]
 
-Each stage trains through ``scripts/train.py`` with its ``demo_stage_*`` experiment, exactly as a user would run it;
-a stage whose final checkpoint exists is reused unless ``--fresh``. Writes ``summary.json`` (Stage A PSNR on held-out
+Each stage trains through ``scripts/train.py`` with its ``demo_stage_*`` experiment, exactly as a user would run it.
+Re-running resumes: a finished stage is not trained again, an interrupted one continues from its newest checkpoint
+(``--fresh`` starts all three over). Writes ``summary.json`` (Stage A PSNR on held-out
 images, caption colour/shape/position accuracy of generated images, timings) and ``samples.png`` (a captioned grid).
 """
 
@@ -46,11 +47,9 @@ def train(out: Path, data: Path, fresh: bool) -> dict[str, float]:
     timings = {}
     for name, experiment in STAGES:
         run_dir = out / name
-        if (run_dir / "checkpoints" / "last.ckpt").exists() and not fresh:
-            print(f"== {name}: reusing {run_dir / 'checkpoints' / 'last.ckpt'} (--fresh retrains)")
-            continue
-        print(f"== training {name} ({experiment})", flush=True)
-        shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: no stale last.ckpt beside the new one
+        if fresh:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        print(f"== training {name} ({experiment}; resumes or skips what an earlier run finished)", flush=True)
         command = [sys.executable, str(ROOT / "scripts" / "train.py"), f"experiment={experiment}",
                    f"run_dir={run_dir}", f"data.urls={data / 'train'}", f"data.val_urls={data / 'val'}",
                    f"stage_a_ckpt={out / 'stage_a' / 'checkpoints' / 'last.ckpt'}",
@@ -124,7 +123,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "synthetic")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--num-images", type=int, default=128, help="generated images scored (>= 100)")
-    parser.add_argument("--fresh", action="store_true", help="retrain stages that have a checkpoint already")
+    parser.add_argument("--fresh", action="store_true", help="delete earlier demo runs and train all stages anew")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()

@@ -2,16 +2,25 @@
 
 Common overrides: ``data.urls=...``, ``trainer.max_steps=N``, ``seed=N``, ``run_dir=DIR``, ``stage_a_ckpt=...``
 (Stage B), ``stage_b_ckpt=...`` (Stage C), ``init_from=...``, ``ckpt_path=...``, ``trainer=gpu``, ``logger=wandb``.
+
+Re-running the same command resumes: with ``resume=true`` (the default) and no ``ckpt_path``, training continues from
+the newest complete checkpoint in ``<run_dir>/checkpoints`` (model, EMA, optimizers, LR schedule, step, RNG states,
+data-stream position, and the wandb run).
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
+
+from wuerstchen.training.checkpointing import find_resume_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -25,15 +34,50 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError("set trainer.max_steps (or trainer.max_epochs): the training stream is endless")
 
 
-def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer]:
+def resume_checkpoint(cfg: DictConfig) -> str | None:
+    """The checkpoint this run continues from: ``ckpt_path`` if given, else (``resume=true``) the run's newest."""
+    if cfg.ckpt_path:
+        if not Path(cfg.ckpt_path).exists():
+            raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist")
+        return str(cfg.ckpt_path)
+    found = find_resume_checkpoint(Path(cfg.run_dir) / "checkpoints")
+    if found is not None and not cfg.resume:
+        raise ValueError(f"run_dir={cfg.run_dir} already holds checkpoints ({found.name}); resume=true continues "
+                         f"that run, or choose a new run_dir")
+    return str(found) if found is not None else None
+
+
+def checkpoint_extras(path: str) -> dict[str, Any]:
+    """The small, non-tensor entries of a training checkpoint (a file, or a sharded folder's metadata)."""
+    file = Path(path) / "meta.pt" if Path(path).is_dir() else Path(path)
+    if not file.exists():
+        return {}
+    checkpoint = torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+    return {key: checkpoint[key] for key in ("wandb_run_id", "global_step") if key in checkpoint}
+
+
+def build(cfg: DictConfig, ckpt_path: str | None = None) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer]:
     datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.stage)
-    if cfg.init_from:
+    if cfg.init_from and ckpt_path is None:  # a resumed run has its weights in the checkpoint
         module.init_from(cfg.init_from)
         log.info("initialised %s from %s", type(module.network).__name__, cfg.init_from)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c] or False
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    logger_cfgs = dict(cfg.get("logger") or {})
+    wandb_id = checkpoint_extras(ckpt_path).get("wandb_run_id") if ckpt_path else None
+    loggers = []
+    for name, logger_cfg in logger_cfgs.items():
+        if not logger_cfg:
+            continue
+        extra = {"id": wandb_id, "resume": "allow"} if wandb_id and "Wandb" in logger_cfg.get("_target_", "") else {}
+        loggers.append(hydra.utils.instantiate(logger_cfg, **extra))
+    plugins = []
+    if SLURMEnvironment.detect():
+        # our Preemption callback saves at a step boundary and requeues; Lightning's own handler would save inside
+        # the signal handler, which can deadlock collectives
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                      plugins=plugins or None)
     return module, datamodule, trainer
 
 
@@ -45,8 +89,11 @@ def main(cfg: DictConfig) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True  # the recipe's TF32 matmuls under bf16 autocast
         torch.backends.cudnn.allow_tf32 = True
     log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
-    module, datamodule, trainer = build(cfg)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    ckpt_path = resume_checkpoint(cfg)
+    if ckpt_path is not None:
+        log.info("resuming from %s", ckpt_path)
+    module, datamodule, trainer = build(cfg, ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
 
 if __name__ == "__main__":

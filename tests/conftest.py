@@ -10,7 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import SIZE, common, run
 from PIL import Image
+
+from wuerstchen.data.synthetic import write_synthetic_shards
 
 # No test may reach a model hub; without this an accidental hub call hangs for ~45 s before failing.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -63,3 +66,26 @@ def write_good_shards(root: Path, num_shards: int, per_shard: int, **kwargs) -> 
 def good_shards(tmp_path: Path) -> list[Path]:
     """4 shards x 8 valid samples, 96x64 JPEGs."""
     return write_good_shards(tmp_path / "good", num_shards=4, per_shard=8)
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """The synthetic shapes at the test size: 400 training and 32 validation samples."""
+    root = tmp_path_factory.mktemp("shapes")
+    write_synthetic_shards(root / "train", 400, SIZE, seed=0, shard_size=200)
+    write_synthetic_shards(root / "val", 32, SIZE, seed=1, shard_size=32)
+    return root
+
+
+@pytest.fixture(scope="session")
+def chain(shards: Path, tmp_path_factory) -> dict[str, Path]:
+    """Tiny Stage A, then B on it, then C on B, 60 steps each through scripts/train.py (about a minute)."""
+    root = tmp_path_factory.mktemp("runs")
+    runs = {name: root / name for name in ("a", "b", "c")}
+    run("train.py", "experiment=demo_stage_a", *common(shards, runs["a"], 60), "stage.stage_a.c_hidden=16",
+        "stage.disc_start=40", "data.batch_size=8")
+    run("train.py", "experiment=demo_stage_b", *common(shards, runs["b"], 60), "data.batch_size=8",
+        f"stage_a_ckpt={runs['a'] / 'checkpoints' / 'last.ckpt'}")
+    run("train.py", "experiment=demo_stage_c", *common(shards, runs["c"], 60), "data.batch_size=16",
+        f"stage_b_ckpt={runs['b'] / 'checkpoints' / 'last.ckpt'}", "stage.ema.start_step=10")
+    return runs

@@ -17,6 +17,7 @@ from conftest import GOOD_META, good_sample, image_bytes, write_tar
 from wuerstchen.data import LaionFilter
 from wuerstchen.data.datamodule import DataStatsMonitor, WebDataModule
 from wuerstchen.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from wuerstchen.training.checkpointing import Checkpointing
 
 
 class Recorder(L.LightningModule):
@@ -114,32 +115,60 @@ def test_inconsistent_batch_config_names_the_key(good_shards, tmp_path: Path, co
         trainer(tmp_path, accumulate_grad_batches=2).fit(Recorder(tmp_path), datamodule=dm)
 
 
-def test_resume_restores_and_advances_the_stream(good_shards, tmp_path: Path) -> None:
-    urls = str(good_shards[0].parent)
-    first = tmp_path / "first"
-    first.mkdir()
-    t = trainer(tmp_path / "a", max_steps=3)
-    t.fit(Recorder(first), datamodule=datamodule(urls))
-    ckpt = tmp_path / "last.ckpt"
-    t.save_checkpoint(ckpt)
-    state = torch.load(ckpt, weights_only=True)
-    assert state["WebDataModule"]["restart_index"] == 0
-    assert state["WebDataModule"]["data_stats"]["accepted"] >= 12
+def captions_seen(out: Path, skip: int = 0) -> list[str]:
+    return [c for r in records(out)[skip:] for c in r["captions"]]
 
+
+def fit_and_save(urls: str, tmp_path: Path, name: str, steps: int, **dm_kwargs) -> Path:
+    """Train ``steps`` steps; the checkpoint the training wrote at its last step (as a preempted run would)."""
+    out = tmp_path / name
+    out.mkdir()
+    t = trainer(tmp_path / f"{name}_logs", max_steps=steps)
+    t.callbacks.append(Checkpointing(str(tmp_path / f"{name}_ckpts"), every_n_steps=0))
+    t.fit(Recorder(out), datamodule=datamodule(urls, **dm_kwargs))
+    return tmp_path / f"{name}_ckpts" / f"step={steps:07d}.ckpt"
+
+
+def resume_and_record(urls: str, tmp_path: Path, name: str, ckpt: Path, steps: int,
+                      **dm_kwargs) -> tuple[WebDataModule, list[str]]:
+    out = tmp_path / name
+    out.mkdir()
+    dm = datamodule(urls, **dm_kwargs)
+    trainer(tmp_path / f"{name}_logs", max_steps=steps).fit(Recorder(out), datamodule=dm, ckpt_path=ckpt)
+    return dm, captions_seen(out)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_exact_resume_continues_the_stream_mid_epoch(good_shards, tmp_path: Path, num_workers: int) -> None:
+    urls = str(good_shards[0].parent)
+    kwargs = dict(num_workers=num_workers, batches_per_epoch=3)
+    ckpt = fit_and_save(urls, tmp_path, "first", 4, **kwargs)  # stops after batch 1 of epoch 1
+    state = torch.load(ckpt, weights_only=True)["WebDataModule"]
+    assert (state["restart_index"], state["epoch"], state["epoch_batches"]) == (0, 1, 1)
+    dm, resumed = resume_and_record(urls, tmp_path, "resumed", ckpt, 8, **kwargs)
+    full = tmp_path / "full"
+    full.mkdir()
+    trainer(tmp_path / "full_logs", max_steps=8).fit(Recorder(full), datamodule=datamodule(urls, **kwargs))
+    assert dm.restart_index == 0
+    # batch 2 of epoch 1 onwards, in the uninterrupted order (with 2 workers: rotated worker ids)
+    assert resumed == captions_seen(full, skip=4) and len(resumed) == 4 * 4
+
+
+def test_restart_resume_draws_a_fresh_reproducible_stream(good_shards, tmp_path: Path) -> None:
+    urls = str(good_shards[0].parent)
+    ckpt = fit_and_save(urls, tmp_path, "first", 3, resume="restart")
+    state = torch.load(ckpt, weights_only=True)["WebDataModule"]
+    assert state["restart_index"] == 0 and state["data_stats"]["accepted"] >= 12
     resumed = []
     for name in ("r1", "r2"):
-        out = tmp_path / name
-        out.mkdir()
-        dm = datamodule(urls)
-        trainer(tmp_path / name, max_steps=6).fit(Recorder(out), datamodule=dm, ckpt_path=ckpt)
+        dm, seen = resume_and_record(urls, tmp_path, name, ckpt, 6, resume="restart")
         assert dm.restart_index == 1
-        resumed.append([c for r in records(out) for c in r["captions"]])
+        resumed.append(seen)
     assert resumed[0] == resumed[1]  # a resumed stream is reproducible ...
-    uninterrupted = tmp_path / "full"
-    uninterrupted.mkdir()
-    trainer(tmp_path / "full", max_steps=6).fit(Recorder(uninterrupted), datamodule=datamodule(urls))
-    tail = [c for r in records(uninterrupted)[3:] for c in r["captions"]]
-    assert resumed[0] != tail  # ... and fresh, not a replay of what the first run would have read next
+    full = tmp_path / "full"
+    full.mkdir()
+    trainer(tmp_path / "full_logs", max_steps=6).fit(Recorder(full), datamodule=datamodule(urls))
+    assert resumed[0] != captions_seen(full, skip=3)  # ... and fresh, not a replay of what would have come next
 
 
 def test_two_ddp_ranks_read_different_samples_and_sum_their_counts(mixed_shards: str, tmp_path: Path) -> None:

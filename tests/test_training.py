@@ -3,10 +3,7 @@ stages chain through their checkpoints, sampling works, broken configs stop earl
 
 from __future__ import annotations
 
-import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,14 +12,12 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
 
-from wuerstchen.data.synthetic import write_synthetic_shards
+from helpers import ROOT, SIZE, losses, run
 from wuerstchen.weights import load_network
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 MODEL_CONFIGS = sorted(f"{p.parent.name}/{p.stem}" for p in (CONFIGS / "model").glob("*/*.yaml"))
-SIZE = 64
 
 
 def compose_train(overrides: list[str]):
@@ -48,51 +43,6 @@ def test_every_model_config_instantiates(name: str) -> None:
     with torch.device("meta"):  # full-size networks cost nothing here
         module = instantiate(cfg)
     assert isinstance(module, torch.nn.Module)
-
-
-def run(script: str, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *overrides], capture_output=True,
-                            text=True, timeout=600, cwd=ROOT, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
-    if check:
-        assert result.returncode == 0, result.stderr[-4000:]
-    return result
-
-
-def losses(run_dir: Path, key: str = "train/loss") -> list[float]:
-    rows = []
-    for metrics in sorted((run_dir / "csv").glob("version_*/metrics.csv")):
-        with open(metrics) as f:
-            rows += [float(r[key]) for r in csv.DictReader(f) if r.get(key)]
-    return rows
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("shapes")
-    write_synthetic_shards(root / "train", 400, SIZE, seed=0, shard_size=200)
-    write_synthetic_shards(root / "val", 32, SIZE, seed=1, shard_size=32)
-    return root
-
-
-def common(shards: Path, run_dir: Path, steps: int) -> list[str]:
-    return [f"run_dir={run_dir}", f"data.urls={shards / 'train'}", f"data.val_urls={shards / 'val'}",
-            f"data.image_size={SIZE}", "data.num_workers=0", "data.batches_per_epoch=20", "data.val_batches=1",
-            f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1", "callbacks.checkpoint.every_n_train_steps=20",
-            "callbacks.preview.every_n_steps=20", "callbacks.preview.num_images=2", "callbacks.progress.refresh_rate=0"]
-
-
-@pytest.fixture(scope="module")
-def chain(shards: Path, tmp_path_factory) -> dict[str, Path]:
-    """Tiny Stage A, then B on it, then C on B, each through scripts/train.py."""
-    root = tmp_path_factory.mktemp("runs")
-    runs = {name: root / name for name in ("a", "b", "c")}
-    run("train.py", "experiment=demo_stage_a", *common(shards, runs["a"], 60), "stage.stage_a.c_hidden=16",
-        "stage.disc_start=40", "data.batch_size=8")
-    run("train.py", "experiment=demo_stage_b", *common(shards, runs["b"], 60), "data.batch_size=8",
-        f"stage_a_ckpt={runs['a'] / 'checkpoints' / 'last.ckpt'}")
-    run("train.py", "experiment=demo_stage_c", *common(shards, runs["c"], 60), "data.batch_size=16",
-        f"stage_b_ckpt={runs['b'] / 'checkpoints' / 'last.ckpt'}", "stage.ema.start_step=10")
-    return runs
 
 
 @pytest.mark.parametrize("stage", ["a", "b", "c"])

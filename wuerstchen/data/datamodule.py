@@ -28,21 +28,25 @@ def _plain(spec: Any) -> ShardSpec | None:
 
 
 class StreamLoader(DataLoader):
-    """DataLoader that tells its stream which (restart index, epoch) a pass belongs to.
+    """DataLoader that tells its stream which (restart index, epoch, batches to skip) a pass belongs to.
 
     An IterableDataset replays the same stream every time it is iterated; the epoch must reach the worker processes
     for each pass to differ. Workers receive a fresh copy of the dataset at every ``iter()`` (which is why
     ``persistent_workers`` stays off), so setting the attributes just before is enough.
     """
 
-    def __init__(self, dataset: WebImageTextDataset, position: Callable[[], tuple[int, int]], **kwargs: Any) -> None:
+    def __init__(self, dataset: WebImageTextDataset, position: Callable[[], tuple[int, int, int]],
+                 **kwargs: Any) -> None:
         if kwargs.get("persistent_workers"):
             raise ValueError("persistent_workers would freeze the stream's epoch; leave it off")
+        # worker base seeds from a private generator: iterating must not advance the global RNG that training
+        # draws noise from, or a resumed run (which iterates once more) would diverge from an uninterrupted one
+        kwargs.setdefault("generator", torch.Generator().manual_seed(0))
         super().__init__(dataset, batch_size=None, **kwargs)
         self._position = position
 
     def __iter__(self):
-        self.dataset.restart_index, self.dataset.epoch = self._position()
+        self.dataset.restart_index, self.dataset.epoch, self.dataset.skip_batches = self._position()
         return super().__iter__()
 
 
@@ -62,8 +66,10 @@ class WebDataModule(L.LightningDataModule):
             gets the same count, so no rank waits at an epoch end. None gives an endless epoch (stop on max_steps).
         val_batches: batches per rank in one validation pass (the shards repeat to reach it); None reads each
             validation shard once, which is only hang-free on a single rank.
-        restart_index: the stream's restart counter; loading a checkpoint restores it and adds one, so a resumed run
-            draws a fresh stream that is still determined by the seed.
+        restart_index: the stream's restart counter (part of its seed).
+        resume: what a checkpoint restores. ``exact``: the stream continues at the batch after the last trained one
+            (the skipped part of the epoch is decoded once and dropped, at most ``batches_per_epoch`` batches per
+            rank); ``restart``: the restart index goes up by one, a fresh stream still set by the seed, no skipping.
     """
 
     def __init__(self, urls: ShardSpec, batch_size: int, image_size: int,
@@ -72,7 +78,8 @@ class WebDataModule(L.LightningDataModule):
                  filter: LaionFilter | None = None, batches_per_epoch: int | None = None,
                  val_batches: int | None = None, val_batch_size: int | None = None, num_workers: int = 4,
                  shuffle_buffer: int = 1000, require_caption: bool = True, max_tries: int = 10_000, seed: int = 0,
-                 pin_memory: bool | None = None, prefetch_factor: int | None = None, restart_index: int = 0) -> None:
+                 pin_memory: bool | None = None, prefetch_factor: int | None = None, restart_index: int = 0,
+                 resume: str = "exact") -> None:
         super().__init__()
         self.urls = _plain(urls)
         self.val_urls = _plain(val_urls)
@@ -90,6 +97,12 @@ class WebDataModule(L.LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.prefetch_factor = prefetch_factor
         self.restart_index = int(restart_index)
+        if resume not in ("exact", "restart"):
+            raise ValueError(f"data.resume={resume!r}: expected 'exact' or 'restart'")
+        self.resume = resume
+        self._epoch = 0  # the training pass in progress and the batches it has handed to training
+        self._epoch_batches = 0
+        self._resume_at: tuple[int, int] | None = None  # (epoch, batches) restored from a checkpoint
         self.data_stats: Counter[str] = Counter()  # training stream, cumulative over the run
         self.val_data_stats: Counter[str] = Counter()
         self._pass_counts: Counter[str] = Counter()
@@ -135,7 +148,7 @@ class WebDataModule(L.LightningDataModule):
                                                resample=False, num_batches=self.val_batches, shuffle_buffer=0,
                                                **common)
 
-    def _loader(self, dataset: WebImageTextDataset, position: Callable[[], tuple[int, int]]) -> StreamLoader:
+    def _loader(self, dataset: WebImageTextDataset, position: Callable[[], tuple[int, int, int]]) -> StreamLoader:
         extra = {"prefetch_factor": self.prefetch_factor} if self.num_workers and self.prefetch_factor else {}
         return StreamLoader(dataset, position, num_workers=self.num_workers, pin_memory=self.pin_memory, **extra)
 
@@ -151,12 +164,21 @@ class WebDataModule(L.LightningDataModule):
             self.setup("validate")
         return self._loader(self.val_set, self._val_position)
 
-    def _train_position(self) -> tuple[int, int]:
+    def _train_position(self) -> tuple[int, int, int]:
         epoch = self.trainer.current_epoch if self.trainer is not None else self._passes("train")
-        return self.restart_index, epoch
+        skip = 0
+        if self._resume_at is not None:
+            resume_epoch, resume_batches = self._resume_at
+            self._resume_at = None
+            if resume_epoch == epoch:  # else the checkpoint was taken at the end of that epoch
+                skip = resume_batches
+                if skip:
+                    rank_zero_info(f"data stream resumes epoch {epoch} after batch {skip} (skipping it on each rank)")
+        self._epoch, self._epoch_batches = epoch, skip
+        return self.restart_index, epoch, skip
 
-    def _val_position(self) -> tuple[int, int]:
-        return 0, 0  # validation reads the same samples every time, so its metrics are comparable
+    def _val_position(self) -> tuple[int, int, int]:
+        return 0, 0, 0  # validation reads the same samples every time, so its metrics are comparable
 
     def _passes(self, split: str) -> int:
         """Pass counter for use without a trainer (each ``iter()`` is a new epoch)."""
@@ -167,6 +189,8 @@ class WebDataModule(L.LightningDataModule):
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         training = self.trainer is None or self.trainer.training
         (self.data_stats if training else self.val_data_stats).update(batch.pop("data_stats", {}))
+        if training:
+            self._epoch_batches += 1
         return batch
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
@@ -174,12 +198,17 @@ class WebDataModule(L.LightningDataModule):
 
     # -- checkpointed stream state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"restart_index": self.restart_index, "data_stats": dict(self.data_stats)}
+        return {"restart_index": self.restart_index, "epoch": self._epoch, "epoch_batches": self._epoch_batches,
+                "data_stats": dict(self.data_stats)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.restart_index = int(state_dict["restart_index"]) + 1
         self.data_stats = Counter(state_dict.get("data_stats", {}))
-        log.info("data stream resumes with restart_index=%d", self.restart_index)
+        if self.resume == "exact" and "epoch_batches" in state_dict:
+            self.restart_index = int(state_dict["restart_index"])
+            self._resume_at = (int(state_dict["epoch"]), int(state_dict["epoch_batches"]))
+        else:
+            self.restart_index = int(state_dict["restart_index"]) + 1
+            log.info("data stream restarts with restart_index=%d", self.restart_index)
 
 
 class DataStatsMonitor(L.Callback):

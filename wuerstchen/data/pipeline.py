@@ -2,14 +2,15 @@
 
 Each (rank, dataloader worker) runs this pipeline on its own. Every random choice (which shard next, the shuffle
 buffer, crop positions, random buckets) comes from generators seeded by ``(seed, restart_index, epoch, rank, worker)``,
-so a run is reproducible, a resumed run (``restart_index + 1``) draws a fresh but reproducible stream, and ranks need
-no shard split. Broken input never stops the stream: it is skipped and counted by reason, and the counts travel with
+so a run is reproducible, a resumed run either continues the same stream (``skip_batches``) or draws a fresh but
+reproducible one (``restart_index + 1``), and ranks need no shard split. Broken input never stops the stream: it is skipped and counted by reason, and the counts travel with
 the batches (``batch["data_stats"]``) to the training process, which logs them.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import os
@@ -154,7 +155,11 @@ class WebImageTextDataset(IterableDataset):
         shuffle_buffer: raw samples held for the sample-level shuffle.
         require_caption: reject samples with a missing or empty caption (off for Stage A).
         max_tries: rejected samples or failed shards in a row before :class:`NoUsableSamplesError`.
-        seed, rank, world_size: stream identity; ``restart_index`` and ``epoch`` are set per pass.
+        seed, rank, world_size: stream identity; ``restart_index``, ``epoch`` and ``skip_batches`` are set per pass.
+
+    ``skip_batches`` resumes a pass at an exact position: the first ``skip_batches`` batches the data loader would
+    yield are produced and dropped (they cost their decoding once), and worker ids are rotated so the batches after
+    them come in the same worker order as in the uninterrupted pass.
     """
 
     def __init__(self, urls: ShardSpec, batch_size: int, transform: ImageTransform,
@@ -179,6 +184,7 @@ class WebImageTextDataset(IterableDataset):
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.restart_index = 0
         self.epoch = 0
+        self.skip_batches = 0
 
     def __len__(self) -> int:
         if self.num_batches is None:
@@ -192,6 +198,10 @@ class WebImageTextDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # The loader takes batches round-robin from worker 0 on: after k skipped batches, the next one belongs to
+        # the uninterrupted pass's worker k % num_workers, so loader worker w plays that pass's worker (w + k) % n.
+        worker = (worker + self.skip_batches) % num_workers
+        skip = len(range(worker, self.skip_batches, num_workers))  # of this worker's own batches
         key = self.stream_key(worker)
         counter = RejectCounter(self.spec, self.max_tries)
         budget = None
@@ -203,7 +213,7 @@ class WebImageTextDataset(IterableDataset):
         raw = _shuffle(raw, self.shuffle_buffer, random.Random(f"{key}/shuffle"))
         augment_rng = random.Random(f"{key}/augment")
         samples = (s for s in (self._decode(r, augment_rng, counter) for r in raw) if s is not None)
-        yield from self._batches(samples, counter, budget)
+        yield from itertools.islice(self._batches(samples, counter, budget), skip, None)
 
     def _raw_samples(self, worker: int, num_workers: int, rng: random.Random, counter: RejectCounter,
                      repeat: bool) -> Iterator[dict[str, Any]]:

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..weights import load_network, read_weights
 from ..weights.formats import shape_mismatches
+from .distributed import NonFiniteSteps
 from .ema import EMA
 from .optim import OptimizerFactory, SchedulerFactory, build_optimizer
 
@@ -63,14 +64,19 @@ class StageModule(L.LightningModule):
     weights_stage: str = ""  # the trained network's stage in wuerstchen.weights ("a", "b", "c")
 
     def __init__(self, optimizer: OptimizerFactory, scheduler: SchedulerFactory | None = None,
-                 ema: dict[str, Any] | None = None, grad_clip: float | None = 1.0) -> None:
+                 ema: dict[str, Any] | None = None, grad_clip: float | None = 1.0,
+                 lr_scales: dict[str, float] | None = None, max_nonfinite_steps: int = 10) -> None:
         super().__init__()
+        self.nonfinite = NonFiniteSteps(max_nonfinite_steps)
+        unknown = set(lr_scales or {}) - set(self.trained)
+        if unknown:
+            raise ValueError(f"stage.lr_scales names {sorted(unknown)}; trained networks are {list(self.trained)}")
+        self.lr_scales = dict(lr_scales or {})
         self.grad_clip = grad_clip
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.ema_config = ema
         self.ema: EMA | None = None
-        self._ema_step = -1
 
     # -- networks ---------------------------------------------------------------------------------------------------
     @property
@@ -107,7 +113,11 @@ class StageModule(L.LightningModule):
         return self
 
     def configure_optimizers(self) -> dict:
-        return build_optimizer(self.trainable_parameters(), self.optimizer_factory, self.scheduler_factory)
+        if not self.lr_scales:
+            return build_optimizer(self.trainable_parameters(), self.optimizer_factory, self.scheduler_factory)
+        groups = [{"params": list(getattr(self, name).parameters()), "lr_scale": float(self.lr_scales.get(name, 1.0))}
+                  for name in self.trained]
+        return build_optimizer(groups, self.optimizer_factory, self.scheduler_factory)
 
     # -- hooks ------------------------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -115,10 +125,18 @@ class StageModule(L.LightningModule):
         if self.ema is not None:
             self.ema.to(self.device)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.ema is not None and self.global_step != self._ema_step:  # once per optimizer step
-            self._ema_step = self.global_step
-            self.ema.update(self.network, self.global_step - 1)
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema(self.global_step)  # Lightning increments global_step after this hook
+
+    def update_ema(self, step: int) -> None:
+        """Fold the weights just stepped into the EMA (``step``: 0-based index of that optimizer step).
+
+        Right after the optimizer step and before any ``on_train_batch_end`` callback, so a checkpoint written at
+        this step already holds this step's average (callbacks run before the module's own batch-end hook).
+        """
+        if self.ema is not None:
+            self.ema.update(self.network, step)
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
@@ -127,6 +145,9 @@ class StageModule(L.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # all ranks agree: a non-finite gradient anywhere drops every gradient, so this step changes no weight
+        self.nonfinite.check(optimizer, self.global_step, self.device)
+        self.log("train/skipped_steps", float(self.nonfinite.total), on_step=True, on_epoch=False)
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if grads:
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), on_step=True, on_epoch=False)
@@ -137,8 +158,10 @@ class StageModule(L.LightningModule):
                                          if hasattr(module, "config")}
         if self.ema is not None:
             checkpoint["ema"] = {self.trained[0]: self.ema.state_dict()}
+        checkpoint["nonfinite_steps"] = self.nonfinite.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.nonfinite.load_state_dict(checkpoint.get("nonfinite_steps", {}))
         ema_state = (checkpoint.get("ema") or {}).get(self.trained[0])
         if ema_state is not None:
             self.setup_ema()

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Any
 
 import torch
+
 from ..diffusion import add_noise, diffusion_loss, sample_t
 from ..models import SemanticCompressor, StageA, StageB, StageC
 from ..models.text_encoder import TextEncoder
 from ..pipeline import sample_decoder, sample_prior
 from .base import Frozen, StageModule, drop_captions, load_frozen
+from .distributed import SyncBatchNorm, convert_sync_batchnorm, distributed_world
+
+log = logging.getLogger(__name__)
 
 
 class DiffusionStageModule(StageModule):
@@ -22,7 +27,7 @@ class DiffusionStageModule(StageModule):
         self.frozen = Frozen(text_encoder=text_encoder)
         self.weighting = weighting
         self.caption_drop_prob = caption_drop_prob
-        self._caption_rng = random.Random(0)
+        self._caption_seed = 0  # set from the run seed at fit start
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -33,13 +38,18 @@ class DiffusionStageModule(StageModule):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         self.frozen.to(self.device)
-        # caption dropout is part of the stream of random choices a seeded run repeats
-        self._caption_rng = random.Random(f"captions/{torch.initial_seed()}/{self.global_rank}")
+        self._caption_seed = torch.initial_seed()  # the run's seed (seed_everything), the same after a resume
+        if isinstance(self, StageBModule):
+            synced = sum(isinstance(m, (torch.nn.SyncBatchNorm, SyncBatchNorm)) for m in self.effnet.modules())
+            plain = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.effnet.modules()) - synced
+            log.info("compressor BatchNorm layers: %d SyncBatchNorm, %d per-rank, world size %d", synced, plain,
+                     self.trainer.world_size)
 
     @torch.no_grad()
     def encode_text(self, captions: list[str], drop: bool) -> torch.Tensor:
-        if drop:
-            captions = drop_captions(captions, self.caption_drop_prob, self._caption_rng)
+        if drop:  # seeded by (run seed, rank, step): a resumed run drops the same captions as an uninterrupted one
+            rng = random.Random(f"captions/{self._caption_seed}/{self.global_rank}/{self.global_step}")
+            captions = drop_captions(captions, self.caption_drop_prob, rng)
         return self.frozen.text_encoder(captions)  # (B, 77, width)
 
     def log_losses(self, losses: dict[str, torch.Tensor], prefix: str, batch_size: int) -> None:
@@ -160,7 +170,8 @@ class StageBModule(DiffusionStageModule):
 
     def __init__(self, stage_b: StageB, effnet: SemanticCompressor, text_encoder: TextEncoder,
                  stage_a_ckpt: str | None = None, stage_a: StageA | None = None, effnet_drop_prob: float = 0.05,
-                 effnet_noise_prob: float = 0.3, effnet_noise_t_max: float = 0.5, **kwargs: Any) -> None:
+                 effnet_noise_prob: float = 0.3, effnet_noise_t_max: float = 0.5, sync_batchnorm: bool = True,
+                 **kwargs: Any) -> None:
         super().__init__(text_encoder=text_encoder, **kwargs)
         self.stage_b = stage_b
         self.effnet = effnet
@@ -169,6 +180,13 @@ class StageBModule(DiffusionStageModule):
         self.effnet_drop_prob = effnet_drop_prob
         self.effnet_noise_prob = effnet_noise_prob
         self.effnet_noise_t_max = effnet_noise_t_max
+        self.sync_batchnorm = sync_batchnorm
+
+    def configure_model(self) -> None:
+        """Under DDP the compressor's BatchNorm layers normalise with statistics over all ranks' batches (before the
+        strategy wraps the model; CPU/gloo included, see :class:`~wuerstchen.training.distributed.SyncBatchNorm`)."""
+        if self.sync_batchnorm and distributed_world() > 1:
+            convert_sync_batchnorm(self.effnet)
 
     def sample(self, batch: dict[str, Any]) -> torch.Tensor:
         """Stage B's reconstruction of the batch from its own semantic latents (decoded by Stage A)."""

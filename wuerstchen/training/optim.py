@@ -35,10 +35,20 @@ OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimize
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], optimizer: OptimizerFactory,
+def build_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict], optimizer: OptimizerFactory,
                     scheduler: SchedulerFactory | None) -> dict:
-    """Lightning's ``configure_optimizers`` answer: the optimizer and a per-step scheduler."""
-    opt = optimizer([p for p in params if p.requires_grad])
+    """Lightning's ``configure_optimizers`` answer: the optimizer and a per-step scheduler.
+
+    ``params`` are parameters, or param groups ``{"params": [...], "lr_scale": s}`` whose LR is s x the optimizer's.
+    """
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in params]
+        opt = optimizer([{k: v for k, v in g.items() if k != "lr_scale"} for g in groups if g["params"]])
+        for group, spec in zip(opt.param_groups, [g for g in groups if g["params"]]):
+            group["lr"] *= spec.get("lr_scale", 1.0)  # before the scheduler records its base LRs
+    else:
+        opt = optimizer([p for p in params if p.requires_grad])
     if scheduler is None:
         return {"optimizer": opt}
     return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler(opt), "interval": "step"}}

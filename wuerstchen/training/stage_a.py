@@ -11,6 +11,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from ..models import PatchDiscriminator, StageA
 from ..models.stage_a import codebook_usage
 from .base import StageModule
+from .distributed import NonFiniteSteps
 from .optim import OptimizerFactory, SchedulerFactory, build_optimizer
 from .perceptual import LPIPS
 
@@ -46,6 +47,10 @@ class StageAModule(StageModule):
         quantize_prob: per sample, the probability that the decoder trains on the quantised latent (1: always,
             the official recipe); the rest decode the unquantised latent, which is what generation decodes (Stage B
             outputs continuous latents), so short runs reconstruct that path far better.
+        latent_noise: per sample, Gaussian noise of std ``u * latent_noise * std(latents)``, u ~ U[0, 1), is added to
+            the latent the decoder sees (0: off, the official recipe). A small decoder trained without it maps
+            latents a little off the encoder's manifold (every Stage B sample is) to speckle; with it, the decoder
+            is smooth around the manifold. Relative to the latent's own std, so the encoder cannot outgrow it.
     """
 
     trained = ("stage_a",)
@@ -56,10 +61,15 @@ class StageAModule(StageModule):
                  perceptual: LPIPS | None = None, reconstruction: str = "l1", perceptual_weight: float = 1.0,
                  vq_weight: float = 1.0, disc_weight: float = 0.1, disc_start: int = 10_000,
                  grad_clip: float | None = 1.0, codebook_restart_every: int = 100, quantize_prob: float = 1.0,
-                 ema: dict[str, Any] | None = None) -> None:
-        super().__init__(optimizer=optimizer, scheduler=scheduler, ema=ema, grad_clip=grad_clip)
+                 latent_noise: float = 0.0, ema: dict[str, Any] | None = None, max_nonfinite_steps: int = 10) -> None:
+        super().__init__(optimizer=optimizer, scheduler=scheduler, ema=ema, grad_clip=grad_clip,
+                         max_nonfinite_steps=max_nonfinite_steps)
         self.codebook_restart_every = codebook_restart_every
+        self.nonfinite_d = NonFiniteSteps(max_nonfinite_steps)  # the generator's are counted by the base class
         self.quantize_prob = quantize_prob
+        if latent_noise < 0:
+            raise ValueError(f"stage.latent_noise={latent_noise}: expected >= 0")
+        self.latent_noise = latent_noise
         codebook_size = stage_a.vquantizer.codebook.num_embeddings
         # uses of each code since the last restart; -1 marks a codebook not yet initialised from data
         self.register_buffer("code_uses", torch.full((codebook_size,), -1, dtype=torch.long))
@@ -88,6 +98,9 @@ class StageAModule(StageModule):
         if self.quantize_prob < 1.0:  # per sample: some decode the unquantised latent, as generation does
             keep = torch.rand(len(images), device=images.device) < self.quantize_prob
             decoded = torch.where(keep[:, None, None, None], quantized.latents, latents)
+        if self.latent_noise > 0:
+            std = self.latent_noise * latents.detach().std() * torch.rand(len(images), 1, 1, 1, device=images.device)
+            decoded = decoded + std * torch.randn_like(decoded)
         recon = self.stage_a.decode(decoded)
         diff = recon - images
         rec = diff.abs().mean() if self.reconstruction == "l1" else diff.square().mean()
@@ -129,6 +142,7 @@ class StageAModule(StageModule):
         self.manual_backward(losses["loss"])
         self.configure_gradient_clipping(opt_g)  # manual optimisation: Lightning leaves clipping to us
         opt_g.step()
+        self.update_ema(self.global_step - 1)  # manual optimisation: global_step already counts this step
         scheduler = self.lr_schedulers()  # manual optimisation steps its scheduler itself
         if scheduler is not None:
             scheduler.step()
@@ -139,7 +153,8 @@ class StageAModule(StageModule):
             opt_d.zero_grad(set_to_none=True)
             self.manual_backward(losses["d_loss"])
             self.configure_gradient_clipping(opt_d)
-            opt_d.optimizer.step()  # raw step: see the class docstring
+            if self.nonfinite_d.check(opt_d.optimizer, self.global_step, self.device):
+                opt_d.optimizer.step()  # raw step: see the class docstring
         self.log("train/loss", losses.pop("loss").detach(), prog_bar=True, on_step=True, on_epoch=False,
                  batch_size=len(images))
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, on_step=True, on_epoch=False,

@@ -1,0 +1,59 @@
+"""Helpers for tests that train through the real entry points (scripts/train.py and friends)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 64  # side of the synthetic training images
+
+
+def run(script: str, *overrides: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python scripts/<script> overrides...`` from the repository root; asserts success unless ``check=False``."""
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *overrides], capture_output=True,
+                            text=True, timeout=timeout, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if check:
+        assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def output(result: subprocess.CompletedProcess) -> str:
+    """Everything a run printed (Hydra's log goes to stdout, Lightning's to stderr)."""
+    return result.stdout + result.stderr
+
+
+def metric_rows(run_dir: Path) -> list[dict[str, str]]:
+    """Every row of every CSV log of a run (a resumed run adds a version), in order."""
+    rows = []
+    for metrics in sorted((run_dir / "csv").glob("version_*/metrics.csv")):
+        with open(metrics) as f:
+            rows += list(csv.DictReader(f))
+    return rows
+
+
+def losses(run_dir: Path, key: str = "train/loss") -> list[float]:
+    return [float(r[key]) for r in metric_rows(run_dir) if r.get(key)]
+
+
+def losses_by_step(run_dir: Path, key: str = "train/loss") -> dict[int, str]:
+    """step -> the logged value as written (exact comparison); a step logged twice is an error."""
+    found: dict[int, str] = {}
+    for row in metric_rows(run_dir):
+        if row.get(key):
+            step = int(row["step"])
+            assert step not in found, f"step {step} logged twice in {run_dir}"
+            found[step] = row[key]
+    return found
+
+
+def common(shards: Path, run_dir: Path, steps: int, every: int = 20) -> list[str]:
+    """Overrides for a short CPU run on the synthetic shards, logging every step."""
+    return [f"run_dir={run_dir}", f"data.urls={shards / 'train'}", f"data.val_urls={shards / 'val'}",
+            f"data.image_size={SIZE}", "data.num_workers=0", "data.batches_per_epoch=20", "data.val_batches=1",
+            f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1", f"callbacks.checkpoint.every_n_steps={every}",
+            f"callbacks.preview.every_n_steps={every}", "callbacks.preview.num_images=2",
+            "callbacks.progress.refresh_rate=0"]

@@ -1,0 +1,135 @@
+"""Two CPU processes (gloo) through scripts/train.py: DDP trains Stage B (SyncBatchNorm compressor) and Stage C, a
+resumed DDP run matches an uninterrupted one bitwise, and a DDP checkpoint resumes on one process."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import common, losses_by_step, output, run
+
+DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+       "data.batches_per_epoch=5", "callbacks.preview=null"]
+
+
+def stage_c(chain: dict[str, Path]) -> list[str]:
+    return ["experiment=demo_stage_c", "data.batch_size=8", "stage.ema.start_step=2",
+            f"stage_b_ckpt={chain['b'] / 'checkpoints' / 'last.ckpt'}"]
+
+
+def test_ddp_resume_matches_an_uninterrupted_ddp_run(shards: Path, chain: dict[str, Path], tmp_path: Path) -> None:
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run("train.py", *common(shards, full, 8, every=4), *stage_c(chain), *DDP)
+    run("train.py", *common(shards, resumed, 4, every=4), *stage_c(chain), *DDP)
+    second = run("train.py", *common(shards, resumed, 8, every=4), *stage_c(chain), *DDP)
+    assert "resuming from" in output(second)
+    assert losses_by_step(resumed) == losses_by_step(full) and len(losses_by_step(full)) == 8
+    a = torch.load(full / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert len(a["rng_states"]) == 2  # one per rank
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    for key, value in a["ema"]["stage_c"].items():
+        assert torch.equal(value, b["ema"]["stage_c"][key]), key
+
+    # the same run continues on one process (RNG streams restart: different rank count)
+    single = run("train.py", *common(shards, resumed, 10, every=4), *stage_c(chain), "data.batches_per_epoch=5",
+                 "callbacks.preview=null")
+    assert "RNG states of 2 ranks" in output(single)
+    assert sorted(losses_by_step(resumed)) == list(range(10))
+
+
+def test_ddp_stage_b_syncs_the_compressor_batchnorm(shards: Path, chain: dict[str, Path], tmp_path: Path) -> None:
+    run_dir = tmp_path / "b"
+    result = run("train.py", *common(shards, run_dir, 4, every=4), "experiment=demo_stage_b", "data.batch_size=8",
+                 f"stage_a_ckpt={chain['a'] / 'checkpoints' / 'last.ckpt'}", *DDP)
+    assert re.search(r"compressor BatchNorm layers: [1-9]\d* SyncBatchNorm, 0 per-rank, world size 2", output(result))
+    losses = losses_by_step(run_dir)
+    assert len(losses) == 4 and all(float(v) == float(v) for v in losses.values())
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert any(k.startswith("effnet.") and k.endswith("running_mean") for k in state)
+
+
+def _sync_bn_rank(rank: int, world: int, port: int, x: torch.Tensor, out: str) -> None:
+    import torch.distributed as dist
+
+    from wuerstchen.training.distributed import SyncBatchNorm
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    bn = SyncBatchNorm(3, momentum=0.5)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+        bn.bias.copy_(torch.tensor([0.0, -1.0, 0.3]))
+    part = x.chunk(world)[rank].clone().requires_grad_(True)
+    y = bn(part)
+    (y * torch.arange(y.numel()).reshape(y.shape).float().sin()).sum().backward()
+    torch.save({"y": y.detach(), "x_grad": part.grad, "w_grad": bn.weight.grad, "b_grad": bn.bias.grad,
+                "running_mean": bn.running_mean, "running_var": bn.running_var}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_sync_batchnorm_over_two_gloo_ranks_equals_one_batchnorm_over_the_whole_batch(tmp_path: Path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    x = torch.randn(6, 3, 5, 4) * 3 + 1
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sync_bn_rank, args=(2, port, x, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+    bn = torch.nn.BatchNorm2d(3, momentum=0.5)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+        bn.bias.copy_(torch.tensor([0.0, -1.0, 0.3]))
+    whole = x.clone().requires_grad_(True)
+    y = bn(whole)
+    # each rank's loss weights its own slice: the same per-element weights as one loss over the whole batch
+    weights = torch.cat([torch.arange(y.numel() // 2).reshape(3, 3, 5, 4).float().sin()] * 2)
+    (y * weights).sum().backward()
+    torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), y.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([r["x_grad"] for r in ranks]), whole.grad, atol=1e-5, rtol=1e-5)
+    for r in ranks:  # parameter gradients: each rank holds its share, DDP sums them
+        torch.testing.assert_close(r["running_mean"], bn.running_mean)
+        torch.testing.assert_close(r["running_var"], bn.running_var)
+    torch.testing.assert_close(ranks[0]["w_grad"] + ranks[1]["w_grad"], bn.weight.grad, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(ranks[0]["b_grad"] + ranks[1]["b_grad"], bn.bias.grad, atol=1e-4, rtol=1e-5)
+
+
+def test_nonfinite_gradients_skip_the_step_on_both_ranks_then_stop_the_run(shards: Path, chain: dict[str, Path],
+                                                                           tmp_path: Path) -> None:
+    # an absurd LR sends the weights to inf after the first step; every later step has NaN gradients
+    result = run("train.py", *common(shards, tmp_path / "c", 20, every=100), *stage_c(chain), *DDP,
+                 "stage.optimizer.lr=1e30", "stage.scheduler.warmup_steps=0", "stage.max_nonfinite_steps=3",
+                 check=False, timeout=300)
+    assert result.returncode != 0
+    text = output(result)
+    assert "3 optimizer steps in a row had non-finite gradients" in text and "stage.max_nonfinite_steps=3" in text
+    assert text.count("optimizer step skipped on all ranks (1 in a row") == 2  # both ranks skipped the same step
+
+
+def test_a_skipped_step_changes_no_weight() -> None:
+    from wuerstchen.training.distributed import NonFiniteSteps
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.tensor([[1.0, float("nan"), 0.0]])).sum().backward()
+    guard = NonFiniteSteps(max_in_a_row=2)
+    assert not guard.check(optimizer, step=0, device=torch.device("cpu"))
+    optimizer.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters())) and not optimizer.state
+    model(torch.ones(1, 3)).sum().backward()
+    assert guard.check(optimizer, step=1, device=torch.device("cpu")) and guard.in_a_row == 0 and guard.total == 1
+    bad = torch.tensor([[float("inf"), 0.0, 0.0]])
+    optimizer.zero_grad()
+    model(bad).sum().backward()
+    assert not guard.check(optimizer, step=2, device=torch.device("cpu")) and guard.in_a_row == 1
+    model(bad).sum().backward()
+    with pytest.raises(FloatingPointError, match="2 optimizer steps in a row"):
+        guard.check(optimizer, step=3, device=torch.device("cpu"))
