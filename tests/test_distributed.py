@@ -133,3 +133,41 @@ def test_a_skipped_step_changes_no_weight() -> None:
     model(bad).sum().backward()
     with pytest.raises(FloatingPointError, match="2 optimizer steps in a row"):
         guard.check(optimizer, step=3, device=torch.device("cpu"))
+
+
+FSDP = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+        "trainer.strategy.param_dtype=null", "data.batches_per_epoch=5", "callbacks.preview=null"]
+
+
+def test_fsdp_trains_resumes_bitwise_matches_ddp_and_consolidates(shards: Path, chain: dict[str, Path],
+                                                                  tmp_path: Path) -> None:
+    from wuerstchen.weights import load_network
+
+    full, resumed, ddp = tmp_path / "full", tmp_path / "resumed", tmp_path / "ddp"
+    run("train.py", *common(shards, full, 8, every=4), *stage_c(chain), *FSDP)
+    first = run("train.py", *common(shards, resumed, 4, every=4), *stage_c(chain), *FSDP)
+    assert "FSDP: StageC (trained) sharded over 2 ranks" in output(first)
+    sharded = resumed / "checkpoints" / "step=0000004.ckpt"
+    assert sharded.is_dir() and (sharded / ".metadata").is_file()  # one folder of per-rank shards
+    run("train.py", *common(shards, resumed, 8, every=4), *stage_c(chain), *FSDP)
+    assert losses_by_step(resumed) == losses_by_step(full) and len(losses_by_step(full)) == 8
+
+    # the same data, noise and steps under DDP: the same model up to float reduction order
+    run("train.py", *common(shards, ddp, 8, every=4), *stage_c(chain), *DDP)
+    last = full / "checkpoints" / "step=0000008.ckpt"
+    consolidated = tmp_path / "stage_c.ckpt"
+    run("consolidate_checkpoint.py", str(last), str(consolidated))
+    reference = torch.load(ddp / "checkpoints" / "last.ckpt", weights_only=True)
+    mine = torch.load(consolidated, weights_only=True)
+    assert set(mine["ema"]) == {"stage_c"} and mine["global_step"] == 8
+    for key, value in reference["state_dict"].items():
+        torch.testing.assert_close(mine["state_dict"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+    for key, value in reference["ema"]["stage_c"].items():
+        torch.testing.assert_close(mine["ema"]["stage_c"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+    # the folder loads like any checkpoint (EMA weights by default)
+    network, _ = load_network("c", last)
+    assert all(torch.equal(v, mine["ema"]["stage_c"][k]) for k, v in network.state_dict().items())
+
+    # a sharded checkpoint resumes on another process count (torch distributed checkpoint reshards)
+    single = run("train.py", *common(shards, full, 10, every=5), *stage_c(chain), *FSDP, "trainer.devices=1")
+    assert "resuming from" in output(single) and sorted(losses_by_step(full)) == list(range(10))

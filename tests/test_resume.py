@@ -116,3 +116,14 @@ def test_resume_false_refuses_a_run_dir_with_checkpoints(shards: Path, tmp_path:
     result = run("train.py", "experiment=demo_stage_a", *common(shards, tmp_path, 4), "resume=false", check=False)
     assert result.returncode != 0
     assert "resume=true" in output(result) and "step=0000010.ckpt" in output(result)
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(shards: Path, tmp_path: Path) -> None:
+    overrides = ["experiment=demo_stage_a", "stage.stage_a.c_hidden=16", "data.batch_size=4", "logger=wandb",
+                 "callbacks.preview=null"]
+    run("train.py", *common(shards, tmp_path, 3, every=3), *overrides)
+    run_id = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["wandb_run_id"]
+    run("train.py", *common(shards, tmp_path, 5, every=3), *overrides)
+    runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(f"-{run_id}") for name in runs), (runs, run_id)  # WANDB_MODE=offline: conftest
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["wandb_run_id"] == run_id

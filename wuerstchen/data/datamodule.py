@@ -49,6 +49,14 @@ class StreamLoader(DataLoader):
         self.dataset.restart_index, self.dataset.epoch, self.dataset.skip_batches = self._position()
         return super().__iter__()
 
+    # Resumable (Lightning's _Stateful protocol): the stream position itself is checkpointed by WebDataModule (which
+    # also knows the epoch and the batches already trained), so the loader has nothing of its own to store.
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
+
 
 class WebDataModule(L.LightningDataModule):
     """Train and validation loaders over img2dataset-style shards for one stage.

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..weights import load_network, read_weights
 from ..weights.formats import shape_mismatches
-from .distributed import NonFiniteSteps
+from .distributed import FSDPStrategy, NonFiniteSteps
 from .ema import EMA
 from .optim import OptimizerFactory, SchedulerFactory, build_optimizer
 
@@ -120,6 +121,12 @@ class StageModule(L.LightningModule):
         return build_optimizer(groups, self.optimizer_factory, self.scheduler_factory)
 
     # -- hooks ------------------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # every rank draws its own noise, timesteps and dropout: seed + rank (the networks were built before, from
+        # the common seed, so their initial weights agree). Runs before a checkpoint's RNG states are restored.
+        if self.trainer is not None and self.trainer.world_size > 1:
+            L.seed_everything(torch.initial_seed() + self.global_rank, workers=True, verbose=False)
+
     def on_fit_start(self) -> None:
         self.setup_ema()
         if self.ema is not None:
@@ -150,14 +157,19 @@ class StageModule(L.LightningModule):
         self.log("train/skipped_steps", float(self.nonfinite.total), on_step=True, on_epoch=False)
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if grads:
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), on_step=True, on_epoch=False)
+            norm = torch.nn.utils.get_total_norm(grads)
+            if isinstance(norm, DTensor):  # sharded gradients: the norm over all shards
+                norm = norm.full_tensor()
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["network_configs"] = {name: module.config for name, module in self.named_children()
-                                         if hasattr(module, "config")}
-        if self.ema is not None:
+                                         if hasattr(module, "config") and name != "ema_network"}
+        if self.ema is not None and not self.sharded:
             checkpoint["ema"] = {self.trained[0]: self.ema.state_dict()}
+        elif self.ema is not None:  # sharded: the EMA is the registered `ema_network`, saved with the shards
+            checkpoint["ema_of"] = self.trained[0]
         checkpoint["nonfinite_steps"] = self.nonfinite.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -167,6 +179,39 @@ class StageModule(L.LightningModule):
             self.setup_ema()
             self.ema.load_state_dict(ema_state)
 
-    def averaged(self) -> AbstractContextManager[nn.Module]:
-        """Context manager that swaps the EMA weights into the network (a no-op without EMA)."""
-        return nullcontext(self.network) if self.ema is None else self.ema.swapped_into(self.network)
+    @contextmanager
+    def averaged(self) -> Iterator[nn.Module]:
+        """Within it, the trained network's attribute names the EMA network (no weights are copied; sharded or not);
+        yields the network in use. Without EMA, the network itself."""
+        if self.ema is None:
+            yield self.network
+            return
+        name, network = self.trained[0], self.network
+        setattr(self, name, self.ema.module)
+        try:
+            yield self.ema.module
+        finally:
+            setattr(self, name, network)
+
+    # -- sharding ---------------------------------------------------------------------------------------------------
+    @property
+    def sharded(self) -> bool:
+        return "ema_network" in self._modules or getattr(self, "_sharded", False)
+
+    def configure_model(self) -> None:
+        """Under ``trainer=fsdp``: fully_shard the trained networks block by block (and the EMA copy, registered as
+        ``ema_network`` so it is sharded, saved and restored with them); frozen networks are replicated unless the
+        strategy's ``shard_frozen``. Other strategies: nothing to do."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if not isinstance(strategy, FSDPStrategy) or getattr(self, "_sharded", False):
+            return
+        self._sharded = True
+        if self.ema_config is not None:
+            self.setup_ema()  # a copy of the unsharded network, sharded below exactly like it
+            self.ema_network = self.ema.module
+        for name in self.trained:
+            strategy.shard(getattr(self, name), role="trained")
+        if self.ema is not None:
+            strategy.shard(self.ema_network, role="average")
+        for name in self.frozen_modules:
+            strategy.shard(getattr(self, name), role="frozen")

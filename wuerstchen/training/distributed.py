@@ -1,17 +1,25 @@
-"""Distributed pieces the stages share: cross-rank BatchNorm on any backend, and the agreement of all ranks on
-skipping a non-finite optimizer step."""
+"""Distributed pieces the stages share: cross-rank BatchNorm on any backend, the agreement of all ranks on skipping a
+non-finite optimizer step, and the FSDP2 strategy with the way a network is sharded."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
 
+from ..models.common import AttnBlock, ResBlock, ResBlockStageB, TimestepBlock
+from ..models.stage_a import MixingResidualBlock
+
 log = logging.getLogger(__name__)
+
+# The units FSDP shards one by one (each gathers its parameters just before use), then the network root.
+BLOCK_TYPES: tuple[type[nn.Module], ...] = (ResBlock, ResBlockStageB, TimestepBlock, AttnBlock, MixingResidualBlock)
 
 
 def distributed_world() -> int:
@@ -126,3 +134,69 @@ class NonFiniteSteps:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.in_a_row, self.total = int(state.get("in_a_row", 0)), int(state.get("total", 0))
+
+
+# ------------------------------------------------------------------------------------------------------------ FSDP
+class FSDPStrategy(ModelParallelStrategy):
+    """Lightning's ``ModelParallelStrategy`` as plain FSDP2: all ranks in one data-parallel group (no tensor
+    parallelism), plus the options the stage modules apply in ``configure_model``.
+
+    Args:
+        param_dtype / reduce_dtype: FSDP2 ``MixedPrecisionPolicy``: parameters are gathered and computed in
+            ``param_dtype``, gradients reduced in ``reduce_dtype``; the sharded fp32 parameters stay the optimizer's
+            master weights. ``param_dtype: null`` computes in the parameters' own dtype (fp32 in the CPU tests).
+        activation_checkpointing: recompute each block's activations in the backward pass.
+        compile_blocks: ``torch.compile`` each block before sharding it.
+        reshard_after_forward: free gathered parameters after each block's forward (ZeRO-3); False keeps them until
+            the backward (more memory, less communication).
+        shard_frozen: also shard the frozen networks (Stage A in Stage B, the compressor in Stage C). By default they
+            are replicated on every rank: they are small next to the trained network, run without gradients, and
+            replicated they need no parameter all-gathers.
+        save_distributed_checkpoint: checkpoints are folders of per-rank shards (torch distributed checkpoint), which
+            resume on any number of ranks; ``scripts/consolidate_checkpoint.py`` turns one into a single file.
+    """
+
+    def __init__(self, param_dtype: str | None = "bfloat16", reduce_dtype: str | None = "float32",
+                 activation_checkpointing: bool = False, compile_blocks: bool = False,
+                 reshard_after_forward: bool = True, shard_frozen: bool = False, **kwargs: Any) -> None:
+        kwargs.setdefault("tensor_parallel_size", 1)
+        super().__init__(**kwargs)
+        self.param_dtype = getattr(torch, param_dtype) if param_dtype else None
+        self.reduce_dtype = getattr(torch, reduce_dtype) if reduce_dtype else None
+        self.activation_checkpointing = activation_checkpointing
+        self.compile_blocks = compile_blocks
+        self.reshard_after_forward = reshard_after_forward
+        self.shard_frozen = shard_frozen
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto":
+            self._data_parallel_size = self.num_nodes * self.num_processes  # one FSDP group over every rank
+        super().setup_environment()
+
+    def shard(self, network: nn.Module, role: str = "trained") -> nn.Module:
+        """fully_shard each block of ``network``, inner ones first, then the network itself.
+
+        ``role``: ``trained`` (activation checkpointing and compile apply), ``average`` (the EMA copy: sharded the
+        same way, so each rank averages its own shards) or ``frozen`` (replicated unless ``shard_frozen``).
+        """
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if role not in ("trained", "average", "frozen"):
+            raise ValueError(f"role={role!r}")
+        if role == "frozen" and not self.shard_frozen:
+            return network
+        name = type(network).__name__  # before fully_shard renames the class (FSDPStageC)
+        mesh = self.device_mesh["data_parallel"]
+        policy = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype)
+        if role == "trained" and self.activation_checkpointing and hasattr(network, "grad_checkpointing"):
+            network.grad_checkpointing = True
+        blocks = [m for m in network.modules() if isinstance(m, BLOCK_TYPES)]
+        for block in reversed(blocks):  # fully_shard goes bottom-up: inner blocks before those containing them
+            if role == "trained" and self.compile_blocks:
+                block.compile()
+            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
+        fully_shard(network, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
+        log.info("FSDP: %s (%s) sharded over %d ranks in %d blocks%s%s", name, role, mesh.size(),
+                 len(blocks), ", activation checkpointing" if getattr(network, "grad_checkpointing", False) else "",
+                 ", compiled blocks" if role == "trained" and self.compile_blocks else "")
+        return network

@@ -1,13 +1,17 @@
-"""Exponential moving average of a network's weights, with its own state dict and a swap-in context manager."""
+"""Exponential moving average of a network's weights, with its own state dict."""
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (the EMA network is sharded exactly like the network), else the tensor."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 class EMA:
@@ -17,8 +21,9 @@ class EMA:
     ``ema = decay * ema + (1 - decay) * weights``. The released Stage C schedule is ``decay=0.9, every=100,
     start_step=5000`` (about 0.99895 per step); ``every=1`` gives the usual per-step EMA.
 
-    It is deliberately not an ``nn.Module`` attribute of the LightningModule: the optimizer never sees it and a
-    sharding wrapper never wraps it. Its weights go into checkpoints through :meth:`state_dict`.
+    It is not an ``nn.Module`` attribute of the LightningModule (the optimizer never sees it, DDP never wraps it;
+    its weights go into checkpoints through :meth:`state_dict`), except under FSDP, where the module registers it
+    as ``ema_network`` so that it is sharded like the network and saved in the sharded checkpoint.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, start_step: int = 0, every: int = 1) -> None:
@@ -39,9 +44,9 @@ class EMA:
             return
         if (step - self.start_step) % self.every:
             return
-        ema_params = [p for p in self.module.parameters()]
-        params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
-        torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)
+        ema_params = [_local(p) for p in self.module.parameters()]
+        params = [_local(p.detach()).to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
+        torch._foreach_lerp_(ema_params, params, 1.0 - self.decay)  # sharded: each rank averages its own shards
         for ema_buffer, buffer in zip(self.module.buffers(), model.buffers()):
             ema_buffer.copy_(buffer)
 
@@ -55,13 +60,3 @@ class EMA:
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.module.load_state_dict(state_dict, strict=True)
-
-    @contextmanager
-    def swapped_into(self, model: nn.Module) -> Iterator[nn.Module]:
-        """Temporarily give ``model`` the averaged weights (previews, validation); restores them afterwards."""
-        backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        model.load_state_dict(self.module.state_dict())
-        try:
-            yield model
-        finally:
-            model.load_state_dict(backup)

@@ -132,11 +132,45 @@ def _config_from_diffusers(stage: str, config: dict[str, Any]) -> dict[str, Any]
             if not k.startswith("_") and k not in spec.diffusers_fixed}
 
 
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    """A training checkpoint saved under ``trainer=fsdp``: a folder of torch-distributed-checkpoint shards."""
+    path = Path(path)
+    return path.is_dir() and (path / ".metadata").is_file() and (path / "meta.pt").is_file()
+
+
+def consolidate_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A sharded (FSDP) training checkpoint folder as one single-file checkpoint dict, in memory, on one process.
+
+    Gives our usual layout: ``state_dict`` (full tensors, the EMA copy moved out of it), ``ema[attr]``,
+    ``network_configs``, ``text_encoders`` and the step counters; the optimizer states stay behind (resume from the
+    folder itself, on any number of ranks).
+    """
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    path = Path(path)
+    meta = torch_load(path / "meta.pt")
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(path, Path(tmp) / "full.pt")
+        full = torch_load(Path(tmp) / "full.pt")
+    state = dict(full["state_dict"])
+    out = {k: v for k, v in meta.items() if k not in ("state_dict", "optimizer_states", "lr_schedulers",
+                                                      "loops", "callbacks")}
+    ema = {k[len("ema_network."):]: state.pop(k) for k in list(state) if k.startswith("ema_network.")}
+    if ema:
+        out["ema"] = {meta.get("ema_of", "network"): ema}
+    out["state_dict"] = state
+    return out
+
+
 def read_weights(path: str | os.PathLike, stage: str, prefer_ema: bool = True) -> tuple[StateDict, dict | None]:
     """(state dict in our layout, config or None) from any supported source; checks that it is ``stage``."""
     path = Path(path)
     config: dict[str, Any] | None = None
-    if path.is_dir():
+    if is_sharded_checkpoint(path):
+        state, config = _from_checkpoint(consolidate_checkpoint(path), stage, str(path), prefer_ema)
+    elif path.is_dir():
         state, diffusers_config = _read_diffusers_folder(path)
         config = _config_from_diffusers(stage, diffusers_config)
     elif path.suffix == ".safetensors":
