@@ -1,4 +1,5 @@
-"""The CPU demo: synthetic shards -> tiny Stage A, B, C -> samples for held-out captions -> scores.
+"""The CPU demo: synthetic shards -> tiny compressor pretraining, Stage A, B, C -> samples for held-out captions ->
+scores.
 
     python scripts/demo.py [--out outputs/demo] [--data data/synthetic] [--fresh]
 
@@ -33,7 +34,9 @@ from wuerstchen.data import ImageTransform, WebImageTextDataset, to_model_inputs
 from wuerstchen.data.synthetic import score_batch, write_synthetic_shards  # noqa: E402
 from wuerstchen.weights import load_network  # noqa: E402
 
-STAGES = (("stage_a", "demo_stage_a"), ("stage_b", "demo_stage_b"), ("stage_c", "demo_stage_c"))
+# (run name, experiment): the compressor's contrastive pretraining stands in for its ImageNet weights
+STAGES = (("effnet", "demo_effnet"), ("stage_a", "demo_stage_a"), ("stage_b", "demo_stage_b"),
+          ("stage_c", "demo_stage_c"))
 
 
 def make_data(data: Path, size: int) -> None:
@@ -54,6 +57,8 @@ def train(out: Path, data: Path, fresh: bool) -> dict[str, float]:
                    f"run_dir={run_dir}", f"data.urls={data / 'train'}", f"data.val_urls={data / 'val'}",
                    f"stage_a_ckpt={out / 'stage_a' / 'checkpoints' / 'last.ckpt'}",
                    f"stage_b_ckpt={out / 'stage_b' / 'checkpoints' / 'last.ckpt'}"]
+        if name == "stage_b":
+            command.append(f"stage.effnet_init={out / 'effnet' / 'checkpoints' / 'last.ckpt'}")
         start = time.perf_counter()
         subprocess.run(command, check=True, cwd=ROOT)
         timings[f"train_{name}_s"] = round(time.perf_counter() - start, 1)

@@ -79,13 +79,16 @@ def shards(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def chain(shards: Path, tmp_path_factory) -> dict[str, Path]:
-    """Tiny Stage A, then B on it, then C on B, 60 steps each through scripts/train.py (about a minute)."""
+    """Tiny compressor pretraining and Stage A, then B on both, then C on B, 60 steps each through scripts/train.py
+    (about a minute and a half)."""
     root = tmp_path_factory.mktemp("runs")
-    runs = {name: root / name for name in ("a", "b", "c")}
+    runs = {name: root / name for name in ("effnet", "a", "b", "c")}
+    run("train.py", "experiment=demo_effnet", *common(shards, runs["effnet"], 60), "data.batch_size=16")
     run("train.py", "experiment=demo_stage_a", *common(shards, runs["a"], 60), "stage.stage_a.c_hidden=16",
         "stage.disc_start=40", "data.batch_size=8")
     run("train.py", "experiment=demo_stage_b", *common(shards, runs["b"], 60), "data.batch_size=8",
-        f"stage_a_ckpt={runs['a'] / 'checkpoints' / 'last.ckpt'}")
+        f"stage_a_ckpt={runs['a'] / 'checkpoints' / 'last.ckpt'}",
+        f"stage.effnet_init={runs['effnet'] / 'checkpoints' / 'last.ckpt'}")
     run("train.py", "experiment=demo_stage_c", *common(shards, runs["c"], 60), "data.batch_size=16",
         f"stage_b_ckpt={runs['b'] / 'checkpoints' / 'last.ckpt'}", "stage.ema.start_step=10")
     return runs

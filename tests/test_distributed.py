@@ -10,6 +10,8 @@ import pytest
 import torch
 from helpers import common, losses_by_step, output, run
 
+from wuerstchen.weights import load_network
+
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
        "data.batches_per_epoch=5", "callbacks.preview=null"]
 
@@ -44,7 +46,8 @@ def test_ddp_resume_matches_an_uninterrupted_ddp_run(shards: Path, chain: dict[s
 def test_ddp_stage_b_syncs_the_compressor_batchnorm(shards: Path, chain: dict[str, Path], tmp_path: Path) -> None:
     run_dir = tmp_path / "b"
     result = run("train.py", *common(shards, run_dir, 4, every=4), "experiment=demo_stage_b", "data.batch_size=8",
-                 f"stage_a_ckpt={chain['a'] / 'checkpoints' / 'last.ckpt'}", *DDP)
+                 f"stage_a_ckpt={chain['a'] / 'checkpoints' / 'last.ckpt'}", *DDP,
+                 f"stage.effnet_init={chain['effnet'] / 'checkpoints' / 'last.ckpt'}")
     assert re.search(r"compressor BatchNorm layers: [1-9]\d* SyncBatchNorm, 0 per-rank, world size 2", output(result))
     losses = losses_by_step(run_dir)
     assert len(losses) == 4 and all(float(v) == float(v) for v in losses.values())
@@ -136,13 +139,11 @@ def test_a_skipped_step_changes_no_weight() -> None:
 
 
 FSDP = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
-        "trainer.strategy.param_dtype=null", "data.batches_per_epoch=5", "callbacks.preview=null"]
+        "trainer.strategy.param_dtype=null", "data.batches_per_epoch=5"]
 
 
 def test_fsdp_trains_resumes_bitwise_matches_ddp_and_consolidates(shards: Path, chain: dict[str, Path],
                                                                   tmp_path: Path) -> None:
-    from wuerstchen.weights import load_network
-
     full, resumed, ddp = tmp_path / "full", tmp_path / "resumed", tmp_path / "ddp"
     run("train.py", *common(shards, full, 8, every=4), *stage_c(chain), *FSDP)
     first = run("train.py", *common(shards, resumed, 4, every=4), *stage_c(chain), *FSDP)
@@ -171,3 +172,23 @@ def test_fsdp_trains_resumes_bitwise_matches_ddp_and_consolidates(shards: Path, 
     # a sharded checkpoint resumes on another process count (torch distributed checkpoint reshards)
     single = run("train.py", *common(shards, full, 10, every=5), *stage_c(chain), *FSDP, "trainer.devices=1")
     assert "resuming from" in output(single) and sorted(losses_by_step(full)) == list(range(10))
+
+
+def test_fsdp_stage_b_with_activation_checkpointing_sync_batchnorm_and_previews(shards: Path, chain: dict[str, Path],
+                                                                                 tmp_path: Path) -> None:
+    run_dir = tmp_path / "b"
+    result = run("train.py", *common(shards, run_dir, 4, every=4), "experiment=demo_stage_b", "data.batch_size=8",
+                 f"stage_a_ckpt={chain['a'] / 'checkpoints' / 'last.ckpt'}",
+                 f"stage.effnet_init={chain['effnet'] / 'checkpoints' / 'last.ckpt'}", *FSDP,
+                 "callbacks.preview.every_n_steps=2",
+                 "trainer.strategy.activation_checkpointing=true", "stage.ema={decay: 0.9}")
+    text = output(result)
+    assert "FSDP: StageB (trained) sharded over 2 ranks" in text and "activation checkpointing" in text
+    assert "FSDP: SemanticCompressor (trained) sharded over 2 ranks in 0 blocks" in text
+    assert re.search(r"compressor BatchNorm layers: [1-9]\d* SyncBatchNorm, 0 per-rank, world size 2", text)
+    assert "FSDP: StageA" not in text  # frozen: replicated
+    # previews render on every rank from the sharded raw and EMA networks
+    assert (run_dir / "previews" / "step_0000004_sample.png").exists()
+    assert (run_dir / "previews" / "step_0000004_sample_ema.png").exists()
+    stage_b, _ = load_network("b", run_dir / "checkpoints" / "last.ckpt")
+    assert stage_b.config["c_hidden"] == [32, 64, 128]

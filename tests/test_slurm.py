@@ -135,7 +135,11 @@ def test_sbatch_template_requeues_on_preemption_and_resumes(slurm: dict[str, str
                  f"job {job} to reach step 20 ({output.read_text()[-3000:] if output.exists() else 'no output'})")
         # what `--signal=USR1@N` does near the time limit: SIGUSR1 to every task of the job's steps
         subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True)
-        wait_for(lambda: job_field(env, job, "Restarts") not in ("", "0"), 120, f"job {job} to requeue")
+        wait_for(lambda: job_field(env, job, "Restarts") not in ("", "0") and
+                 job_field(env, job, "JobState") == "PENDING", 120, f"job {job} to requeue")
+        # slurmd refuses a relaunch whose credential is from the same second as the requeue's revocation
+        # ("Job credential revoked"); Slurm's own requeue delay avoids that, skipping it must too
+        time.sleep(2)
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
         wait_for(lambda: job_field(env, job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 400,
                  f"job {job} to finish")

@@ -45,7 +45,7 @@ def test_every_model_config_instantiates(name: str) -> None:
     assert isinstance(module, torch.nn.Module)
 
 
-@pytest.mark.parametrize("stage", ["a", "b", "c"])
+@pytest.mark.parametrize("stage", ["effnet", "a", "b", "c"])
 def test_each_stage_trains_and_its_loss_falls(chain: dict[str, Path], stage: str) -> None:
     assert len(losses(chain[stage])) == 60  # `train/loss` logged every step
     # Stage A's total includes the VQ loss, which rises while the codebook moves onto the data: judge its pixels
@@ -53,7 +53,8 @@ def test_each_stage_trains_and_its_loss_falls(chain: dict[str, Path], stage: str
     first, last = sum(values[:10]) / 10, sum(values[-10:]) / 10
     assert last < 0.8 * first, (stage, first, last)
     assert (chain[stage] / "checkpoints" / "last.ckpt").exists()
-    assert any((chain[stage] / "previews").glob("step_0000060_*.png"))
+    if stage != "effnet":  # a compressor pretraining has nothing to preview
+        assert any((chain[stage] / "previews").glob("step_0000060_*.png"))
 
 
 def test_checkpoints_carry_what_the_next_stage_needs(chain: dict[str, Path]) -> None:
@@ -64,6 +65,10 @@ def test_checkpoints_carry_what_the_next_stage_needs(chain: dict[str, Path]) -> 
     assert all(torch.equal(a, b) for a, b in zip(stage_a.state_dict().values(), reference.state_dict().values()))
     effnet, _ = load_network("effnet", b_ckpt)
     assert effnet.config["timm_name"] == "test_efficientnet"
+    # Stage B started its compressor from the pretraining run, then trained it further
+    pretrained, _ = load_network("effnet", chain["effnet"] / "checkpoints" / "last.ckpt")
+    assert pretrained.config == effnet.config
+    assert not all(torch.equal(a, b) for a, b in zip(pretrained.state_dict().values(), effnet.state_dict().values()))
     c_ckpt = torch.load(chain["c"] / "checkpoints" / "last.ckpt", weights_only=True)
     assert set(c_ckpt["ema"]) == {"stage_c"} and c_ckpt["text_encoders"]["text_encoder"]["model_name"] == \
         "wuerstchen-tiny-text"

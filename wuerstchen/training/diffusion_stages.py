@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,6 +13,8 @@ from ..diffusion import add_noise, diffusion_loss, sample_t
 from ..models import SemanticCompressor, StageA, StageB, StageC
 from ..models.text_encoder import TextEncoder
 from ..pipeline import sample_decoder, sample_prior
+from ..weights import read_weights
+from ..weights.formats import shape_mismatches
 from .base import Frozen, StageModule, drop_captions, load_frozen
 from .distributed import SyncBatchNorm, convert_sync_batchnorm, distributed_world
 
@@ -157,11 +160,15 @@ class StageBModule(DiffusionStageModule):
 
     Args:
         stage_b: the decoder.
-        effnet: the semantic compressor, in the same optimizer (SyncBatchNorm under DDP/FSDP comes with the strategy).
+        effnet: the semantic compressor, in the same optimizer.
         stage_a_ckpt: the frozen Stage A (its encoder gives the training targets).
         effnet_drop_prob: per sample, zero the semantic latent (for CFG over it).
         effnet_noise_prob / effnet_noise_t_max: per sample, noise the latent with the same cosine diffusion at
             t ~ U[0, t_max), so Stage B tolerates imperfect Stage C samples.
+        sync_batchnorm: distributed runs normalise the compressor with statistics over all ranks.
+        effnet_init: start the compressor from these weights (a compressor pretraining run, a released
+            ``model_v2_stage_b.pt``, a safetensors export); the ImageNet backbone weights come with
+            ``stage.effnet.backbone_weights`` instead.
     """
 
     trained = ("stage_b", "effnet")
@@ -171,22 +178,34 @@ class StageBModule(DiffusionStageModule):
     def __init__(self, stage_b: StageB, effnet: SemanticCompressor, text_encoder: TextEncoder,
                  stage_a_ckpt: str | None = None, stage_a: StageA | None = None, effnet_drop_prob: float = 0.05,
                  effnet_noise_prob: float = 0.3, effnet_noise_t_max: float = 0.5, sync_batchnorm: bool = True,
-                 **kwargs: Any) -> None:
+                 effnet_init: str | None = None, **kwargs: Any) -> None:
         super().__init__(text_encoder=text_encoder, **kwargs)
         self.stage_b = stage_b
         self.effnet = effnet
         self.stage_a = stage_a.eval().requires_grad_(False) if stage_a is not None else \
             load_frozen("a", stage_a_ckpt, "stage_a_ckpt")
+        if effnet_init:
+            if not Path(effnet_init).exists():
+                raise FileNotFoundError(f"stage.effnet_init={effnet_init} does not exist")
+            state, _ = read_weights(effnet_init, "effnet", prefer_ema=False)
+            missing, unexpected, wrong = shape_mismatches(effnet, state)
+            if missing or unexpected or wrong:
+                raise ValueError(f"stage.effnet_init={effnet_init} does not fit stage.effnet: missing {missing[:5]}, "
+                                 f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
+            effnet.load_state_dict(state)
+            log.info("compressor initialised from %s", effnet_init)
         self.effnet_drop_prob = effnet_drop_prob
         self.effnet_noise_prob = effnet_noise_prob
         self.effnet_noise_t_max = effnet_noise_t_max
         self.sync_batchnorm = sync_batchnorm
 
     def configure_model(self) -> None:
-        """Under DDP the compressor's BatchNorm layers normalise with statistics over all ranks' batches (before the
-        strategy wraps the model; CPU/gloo included, see :class:`~wuerstchen.training.distributed.SyncBatchNorm`)."""
-        if self.sync_batchnorm and distributed_world() > 1:
+        """Distributed: the compressor's BatchNorm layers normalise with statistics over all ranks' batches (before
+        the strategy wraps or shards the model; CPU/gloo too, see :class:`~wuerstchen.training.distributed.SyncBatchNorm`)."""
+        if self.sync_batchnorm and distributed_world() > 1 and not getattr(self, "_synced", False):
+            self._synced = True
             convert_sync_batchnorm(self.effnet)
+        super().configure_model()
 
     def sample(self, batch: dict[str, Any]) -> torch.Tensor:
         """Stage B's reconstruction of the batch from its own semantic latents (decoded by Stage A)."""
