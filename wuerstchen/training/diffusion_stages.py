@@ -200,8 +200,8 @@ class StageBModule(DiffusionStageModule):
         self.sync_batchnorm = sync_batchnorm
 
     def configure_model(self) -> None:
-        """Distributed: the compressor's BatchNorm layers normalise with statistics over all ranks' batches (before
-        the strategy wraps or shards the model; CPU/gloo too, see :class:`~wuerstchen.training.distributed.SyncBatchNorm`)."""
+        """Distributed: the compressor's BatchNorm layers normalise with statistics over all ranks' batches, set up
+        before the strategy wraps or shards the model (CPU/gloo too: see ``distributed.SyncBatchNorm``)."""
         if self.sync_batchnorm and distributed_world() > 1 and not getattr(self, "_synced", False):
             self._synced = True
             convert_sync_batchnorm(self.effnet)
