@@ -21,6 +21,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from wuerstchen.training.checkpointing import find_resume_checkpoint
+from wuerstchen.weights.formats import torch_load
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def checkpoint_extras(path: str) -> dict[str, Any]:
     file = Path(path) / "meta.pt" if Path(path).is_dir() else Path(path)
     if not file.exists():
         return {}
-    checkpoint = torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+    checkpoint = torch_load(file, mmap=True)  # tensors and plain containers only
     return {key: checkpoint[key] for key in ("wandb_run_id", "global_step") if key in checkpoint}
 
 
