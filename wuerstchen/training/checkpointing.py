@@ -212,13 +212,18 @@ class Preemption(L.Callback):
     """Preemption and time limits: SIGUSR1 / SIGTERM set a flag, the next step boundary saves and (under SLURM)
     requeues, and the run stops cleanly.
 
-    The handler itself only sets a flag (checkpointing inside it could deadlock collectives). After every optimizer
-    step the ranks agree on the flag with one all-reduce, so all of them stop at the same step; rank 0 then runs
+    The handler itself only sets a flag (checkpointing inside it could deadlock collectives). Every
+    ``check_every_n_steps`` optimizer steps the ranks agree on the flag with one all-reduce (a single process just
+    reads it, every step), so all of them stop at the same step; rank 0 then runs
     ``scontrol requeue $SLURM_JOB_ID`` (``requeue: true`` and inside a SLURM job). The requeued job runs the same
     command, which resumes from the newest complete checkpoint in the run directory.
     """
 
-    def __init__(self, signals: tuple[str, ...] = ("SIGUSR1", "SIGTERM"), requeue: bool = True) -> None:
+    def __init__(self, signals: tuple[str, ...] = ("SIGUSR1", "SIGTERM"), requeue: bool = True,
+                 check_every_n_steps: int = 1) -> None:
+        if check_every_n_steps < 1:
+            raise ValueError(f"check_every_n_steps={check_every_n_steps} must be >= 1")
+        self.check_every_n_steps = check_every_n_steps
         self.signals = tuple(getattr(signal, name) for name in signals)
         self.requeue = requeue
         self.received: int | None = None
@@ -250,12 +255,19 @@ class Preemption(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if trainer.global_step == self._step:  # gradient accumulation: decide at optimizer steps only
+        step = trainer.global_step
+        if step == self._step:  # gradient accumulation: decide at optimizer steps only
             return
-        self._step = trainer.global_step
-        flag = torch.tensor(float(self.received is not None), device=pl_module.device)
-        if trainer.strategy.reduce(flag, reduce_op="max").item() == 0:
-            return
+        self._step = step
+        if trainer.world_size == 1:
+            if self.received is None:
+                return
+        else:  # one small all-reduce (and a device sync) every check_every_n_steps, not every step
+            if step % self.check_every_n_steps:
+                return
+            flag = torch.tensor(float(self.received is not None), device=pl_module.device)
+            if trainer.strategy.reduce(flag, reduce_op="max").item() == 0:
+                return
         what = signal.Signals(self.received).name if self.received is not None else "a signal on another rank"
         log.warning("received %s: saving at step %d and stopping", what, trainer.global_step)
         checkpointing = next((c for c in trainer.callbacks if isinstance(c, Checkpointing)), None)

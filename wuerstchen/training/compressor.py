@@ -11,6 +11,7 @@ its compressor from the result (``stage.effnet_init=...``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -53,7 +54,7 @@ class CompressorPretraining(StageModule):
         self.logit_scale = nn.Parameter(torch.tensor(1.0 / temperature).log())
         self.latent_side = latent_side
 
-    def trainable_parameters(self):
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.effnet.parameters()
         yield from self.image_proj.parameters()
         yield from self.text_proj.parameters()
@@ -74,8 +75,9 @@ class CompressorPretraining(StageModule):
         text = F.normalize(self.text_proj(tokens.mean(1)), dim=-1)
         logits = self.logit_scale.exp().clamp(max=100) * image @ text.T
         # identical captions in a batch are positives for each other, not negatives
-        captions = batch["captions"]
-        same = torch.tensor([[a == b for b in captions] for a in captions], device=logits.device, dtype=logits.dtype)
+        ids = {caption: i for i, caption in enumerate(batch["captions"])}
+        caption_ids = torch.tensor([ids[c] for c in batch["captions"]], device=logits.device)
+        same = (caption_ids[:, None] == caption_ids[None, :]).to(logits.dtype)
         targets = same / same.sum(1, keepdim=True)
         loss = 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets.T))
         retrieval = (same.gather(1, logits.argmax(1, keepdim=True)) > 0).float().mean()
