@@ -89,7 +89,8 @@ class StageModule(L.LightningModule):
         """Start the trained network from weights in any supported format; the architectures must agree."""
         state, config = read_weights(path, self.weights_stage)
         ours = getattr(self.network, "config", {})
-        conflicts = {k: (ours[k], v) for k, v in (config or {}).items() if k in ours and ours[k] != v and k != "dropout"}
+        conflicts = {k: (ours[k], v) for k, v in (config or {}).items()
+                     if k in ours and ours[k] != v and k != "dropout"}
         if conflicts:
             raise ValueError(f"init_from={path}: the weights' config disagrees with the model config: "
                              + ", ".join(f"{k}: model {a!r} vs weights {b!r}" for k, (a, b) in conflicts.items()))
