@@ -21,7 +21,7 @@ from torchvision.utils import save_image
 from wuerstchen.diffusion import linear_timesteps, stage_c_timesteps
 from wuerstchen.models.text_encoder import TextEncoder
 from wuerstchen.pipeline import Pipeline
-from wuerstchen.weights import load_network, torch_load
+from wuerstchen.weights import checkpoint_info, load_network
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def text_encoder(override: DictConfig | None, ckpt: str, name: str) -> TextEncod
     """The text encoder a checkpoint was trained with, or the one the config names."""
     if override is not None:
         return TextEncoder(**OmegaConf.to_container(override))
-    recorded = (torch_load(ckpt, mmap=True).get("text_encoders") or {}).get(name)
+    recorded = (checkpoint_info(ckpt).get("text_encoders") or {}).get(name)
     if recorded is None:
         raise ValueError(f"{ckpt} records no text encoder: set {'text_encoder' if name == 'text_encoder' else name}"
                          f"={{model_name: ..., pretrained: ...}}")
@@ -47,7 +47,9 @@ def load_pipeline(cfg: DictConfig, device: torch.device) -> Pipeline:
     encoder_b = text_encoder(cfg.decoder_text_encoder, cfg.stage_b_ckpt, "text_encoder")
     for module in (stage_c, stage_b, effnet, stage_a, encoder_c, encoder_b):
         module.to(device).eval()
-    return Pipeline(stage_c, stage_b, stage_a, effnet, encoder_c, encoder_b)
+    # the latent size rule Stage C trained with (recorded in our checkpoints); released weights: ceil(side / 42.67)
+    effnet_scale = cfg.get("effnet_scale") or checkpoint_info(cfg.stage_c_ckpt).get("effnet_scale")
+    return Pipeline(stage_c, stage_b, stage_a, effnet, encoder_c, encoder_b, effnet_scale)
 
 
 def prompts(cfg: DictConfig) -> list[str]:

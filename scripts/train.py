@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import hydra
 import lightning as L
@@ -21,7 +20,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from wuerstchen.training.checkpointing import find_resume_checkpoint
-from wuerstchen.weights.formats import torch_load
+from wuerstchen.weights import checkpoint_info
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +29,8 @@ def check_config(cfg: DictConfig) -> None:
     """Stop before any work on a config that cannot run, naming the key."""
     size = cfg.data.get("image_size")
     if size is None or int(size) <= 0 or int(size) % 32:
-        raise ValueError(f"data.image_size={size} must be a positive multiple of 32")
+        key = "resolution" if cfg.get("resolution") is not None else "data.image_size"  # what the user typed
+        raise ValueError(f"{key}={size} must be a positive multiple of 32")
     if cfg.trainer.get("max_steps", -1) in (None, -1) and cfg.trainer.get("max_epochs") is None:
         raise ValueError("set trainer.max_steps (or trainer.max_epochs): the training stream is endless")
 
@@ -48,15 +48,6 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     return str(found) if found is not None else None
 
 
-def checkpoint_extras(path: str) -> dict[str, Any]:
-    """The small, non-tensor entries of a training checkpoint (a file, or a sharded folder's metadata)."""
-    file = Path(path) / "meta.pt" if Path(path).is_dir() else Path(path)
-    if not file.exists():
-        return {}
-    checkpoint = torch_load(file, mmap=True)  # tensors and plain containers only
-    return {key: checkpoint[key] for key in ("wandb_run_id", "global_step") if key in checkpoint}
-
-
 def build(cfg: DictConfig, ckpt_path: str | None = None) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer]:
     datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.stage)
@@ -65,7 +56,7 @@ def build(cfg: DictConfig, ckpt_path: str | None = None) -> tuple[L.LightningMod
         log.info("initialised %s from %s", type(module.network).__name__, cfg.init_from)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     logger_cfgs = dict(cfg.get("logger") or {})
-    wandb_id = checkpoint_extras(ckpt_path).get("wandb_run_id") if ckpt_path else None
+    wandb_id = checkpoint_info(ckpt_path).get("wandb_run_id") if ckpt_path else None
     loggers = []
     for name, logger_cfg in logger_cfgs.items():
         if not logger_cfg:

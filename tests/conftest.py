@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import SIZE, common, run
+from helpers import JOINT_COMPRESSOR, SIZE, common, run
 from PIL import Image
 
 from wuerstchen.data.synthetic import write_synthetic_shards
@@ -88,7 +88,7 @@ def chain(shards: Path, tmp_path_factory) -> dict[str, Path]:
         "stage.disc_start=40", "data.batch_size=8")
     run("train.py", "experiment=demo_stage_b", *common(shards, runs["b"], 60), "data.batch_size=8",
         f"stage_a_ckpt={runs['a'] / 'checkpoints' / 'last.ckpt'}",
-        f"stage.effnet_init={runs['effnet'] / 'checkpoints' / 'last.ckpt'}")
+        f"stage.effnet_init={runs['effnet'] / 'checkpoints' / 'last.ckpt'}", *JOINT_COMPRESSOR)
     run("train.py", "experiment=demo_stage_c", *common(shards, runs["c"], 60), "data.batch_size=16",
         f"stage_b_ckpt={runs['b'] / 'checkpoints' / 'last.ckpt'}", "stage.ema.start_step=10")
     return runs

@@ -10,6 +10,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64  # side of the synthetic training images
+# the demo's Stage B keeps its pretrained compressor frozen; tests of the recipe's joint fine-tuning turn it back on
+JOINT_COMPRESSOR = ("stage.freeze_effnet=false", "stage.lr_scales={effnet: 0.05}")
 
 
 def run(script: str, *overrides: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -60,6 +60,36 @@ def test_compressor_rule_square(side: int, effnet: int, latent: int) -> None:
     assert latent_size(side) == latent
 
 
+@pytest.mark.parametrize(("resolution", "wide", "effnet", "latent"), [
+    (1024, (1376, 768), (1024, 576), (32, 18)),
+    (1536, (2048, 1152), (1536, 864), (48, 27)),
+    (2048, (2720, 1536), (2048, 1152), (64, 36)),
+])
+def test_finetune_resolution_buckets_and_latents(resolution: int, wide: tuple, effnet: tuple, latent: tuple) -> None:
+    """A fine-tune at `resolution` (experiment=stage_c_finetune): square and 16:9 buckets of area ~resolution^2, the
+    compressor at 0.75 x each side snapped to 32, latent = view / 32 (W x H)."""
+    transform = ImageTransform(resolution, ratios=DEFAULT_RATIOS)
+    shapes = transform.buckets.shapes
+    assert (resolution, resolution) in shapes and wide in shapes and wide[::-1] in shapes
+    assert all(abs(w * h / resolution**2 - 1) < 0.06 for w, h in shapes)
+    assert transform.output_sizes(wide)["effnet_images"] == effnet
+    assert tuple(latent_size(side) for side in wide) == latent
+    square = transform.output_sizes((resolution, resolution))["effnet_images"]
+    assert square == (resolution * 3 // 4,) * 2 and latent_size(resolution) == resolution * 3 // 128
+
+
+def test_sampling_latent_size_follows_the_training_rule() -> None:
+    from wuerstchen.pipeline import prior_latent_size
+
+    # released weights: ceil(side / 42.67); it equals the 0.75 training rule on every multiple of 128
+    assert [prior_latent_size(side) for side in (1024, 1536, 2048)] == [24, 36, 48]
+    assert all(prior_latent_size(side) == prior_latent_size(side, 0.75) == latent_size(side)
+               for side in range(128, 4097, 128))
+    # elsewhere they can differ, and a prior samples at the size it trained on (96 px at 0.75: 72 -> 64 -> 2)
+    assert (prior_latent_size(96), prior_latent_size(96, 0.75)) == (3, 2)
+    assert prior_latent_size(64, 1.5) == 3  # the demo: a 96 px compressor view of 64 px images
+
+
 @pytest.mark.parametrize("image_size", [1024, 1536, 2048])
 def test_compressor_rule_for_every_bucket(image_size: int) -> None:
     transform = ImageTransform(image_size, ratios=DEFAULT_RATIOS)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import common, losses_by_step, output, run
+from helpers import JOINT_COMPRESSOR, common, losses_by_step, output, run
 
 from wuerstchen.weights import load_network
 
@@ -47,7 +47,7 @@ def test_ddp_stage_b_syncs_the_compressor_batchnorm(shards: Path, chain: dict[st
     run_dir = tmp_path / "b"
     result = run("train.py", *common(shards, run_dir, 4, every=4), "experiment=demo_stage_b", "data.batch_size=8",
                  f"stage_a_ckpt={chain['a'] / 'checkpoints' / 'last.ckpt'}", *DDP,
-                 f"stage.effnet_init={chain['effnet'] / 'checkpoints' / 'last.ckpt'}")
+                 f"stage.effnet_init={chain['effnet'] / 'checkpoints' / 'last.ckpt'}", *JOINT_COMPRESSOR)
     assert re.search(r"compressor BatchNorm layers: [1-9]\d* SyncBatchNorm, 0 per-rank, world size 2", output(result))
     losses = losses_by_step(run_dir)
     assert len(losses) == 4 and all(float(v) == float(v) for v in losses.values())
@@ -179,7 +179,7 @@ def test_fsdp_stage_b_with_activation_checkpointing_sync_batchnorm_and_previews(
     run_dir = tmp_path / "b"
     result = run("train.py", *common(shards, run_dir, 4, every=4), "experiment=demo_stage_b", "data.batch_size=8",
                  f"stage_a_ckpt={chain['a'] / 'checkpoints' / 'last.ckpt'}",
-                 f"stage.effnet_init={chain['effnet'] / 'checkpoints' / 'last.ckpt'}", *FSDP,
+                 f"stage.effnet_init={chain['effnet'] / 'checkpoints' / 'last.ckpt'}", *FSDP, *JOINT_COMPRESSOR,
                  "callbacks.preview.every_n_steps=2",
                  "trainer.strategy.activation_checkpointing=true", "stage.ema={decay: 0.9}")
     text = output(result)

@@ -10,12 +10,21 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .data.transforms import latent_size
 from .diffusion import classifier_free_guidance, ddpm_sample, linear_timesteps
 from .models import SemanticCompressor, StageA, StageB, StageC
 
 
-def prior_latent_size(side: int, compression: float = 42.67) -> int:
-    """Stage C latent side for an output side: ceil(side / 42.67) (1024 -> 24, 2048 -> 48)."""
+def prior_latent_size(side: int, effnet_scale: float | None = None, compression: float = 42.67) -> int:
+    """Stage C latent side for an output side.
+
+    With ``effnet_scale`` (the compressor view / image side the prior was trained with; our Stage C checkpoints record
+    it) the training rule: ``effnet_scale * side`` snapped to 32, over the compressor's stride 32, so sampling sees
+    the latent size training saw. Without it (released weights) the released rule ceil(side / 42.67). The two agree
+    at 0.75 for every multiple of 128 (1024 -> 24, 1536 -> 36, 2048 -> 48).
+    """
+    if effnet_scale is not None:
+        return latent_size(side, effnet_scale)
     return math.ceil(side / compression)
 
 
@@ -42,13 +51,14 @@ class _Decoder:
 
 @torch.no_grad()
 def sample_prior(stage_c: StageC, text_encoder: nn.Module, captions: Sequence[str], height: int, width: int,
-                 steps: int | torch.Tensor = 60, cfg: float | None = 4.0,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 steps: int | torch.Tensor = 60, cfg: float | None = 4.0, generator: torch.Generator | None = None,
+                 effnet_scale: float | None = None) -> torch.Tensor:
     """Stage C: captions -> latents in Stage C's space (B, 16, h, w) for an output of height x width."""
     device = next(stage_c.parameters()).device
     clip = text_encoder(list(captions)).to(device)
     uncond = text_encoder([""]).to(device)
-    shape = (len(captions), stage_c.config["c_in"], prior_latent_size(height), prior_latent_size(width))
+    shape = (len(captions), stage_c.config["c_in"], prior_latent_size(height, effnet_scale),
+             prior_latent_size(width, effnet_scale))
     x = torch.randn(shape, generator=generator, device=device)
     grid = steps if torch.is_tensor(steps) else linear_timesteps(steps)
     denoise = classifier_free_guidance(_Prior(stage_c), cfg, uncond)
@@ -80,6 +90,7 @@ class Pipeline:
     effnet: SemanticCompressor  # only its latent map (from_prior) is used at sampling
     text_encoder_c: nn.Module
     text_encoder_b: nn.Module
+    effnet_scale: float | None = None  # the compressor view scale Stage C trained with (None: the 42.67 rule)
 
     def __call__(self, captions: Sequence[str], height: int, width: int, prior_steps: int | torch.Tensor = 60,
                  prior_cfg: float | None = 4.0, decoder_steps: int = 12, decoder_cfg: float | None = None,
@@ -88,6 +99,6 @@ class Pipeline:
         if height % 32 or width % 32:
             raise ValueError(f"height={height} and width={width} must be multiples of 32")
         prior = sample_prior(self.stage_c, self.text_encoder_c, captions, height, width, prior_steps, prior_cfg,
-                             generator)
+                             generator, self.effnet_scale)
         return sample_decoder(self.stage_b, self.stage_a, self.text_encoder_b, self.effnet.from_prior(prior),
                               captions, height, width, decoder_steps, decoder_cfg, generator)

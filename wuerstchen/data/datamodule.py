@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 import torch
 from torch.utils.data import DataLoader
 
+from .cached import CachedStageCDataset
 from .filters import LaionFilter
 from .pipeline import REJECT_REASONS, WebImageTextDataset
 from .shards import ShardSpec
@@ -75,6 +76,8 @@ class WebDataModule(L.LightningDataModule):
         val_batches: batches per rank in one validation pass (the shards repeat to reach it); None reads each
             validation shard once, which is only hang-free on a single rank.
         restart_index: the stream's restart counter (part of its seed).
+        cached: the shards are a cache written by ``scripts/cache_stage_c.py`` (Stage C's compressor latents and text
+            states; no image is decoded): batches hold ``latents``, ``clip`` and ``empty_clip`` instead of images.
         resume: what a checkpoint restores. ``exact``: the stream continues at the batch after the last trained one
             (the skipped part of the epoch is decoded once and dropped, at most ``batches_per_epoch`` batches per
             rank); ``restart``: the restart index goes up by one, a fresh stream still set by the seed, no skipping.
@@ -82,20 +85,23 @@ class WebDataModule(L.LightningDataModule):
 
     def __init__(self, urls: ShardSpec, batch_size: int, image_size: int,
                  outputs: Sequence[str] = ("images", "effnet_images"), ratios: Sequence[float] = (1.0,),
-                 random_ratio_prob: float = 0.0, effnet_scale: float = 0.75, val_urls: ShardSpec | None = None,
+                 random_ratio_prob: float = 0.0, effnet_scale: float | None = 0.75, val_urls: ShardSpec | None = None,
                  filter: LaionFilter | None = None, batches_per_epoch: int | None = None,
                  val_batches: int | None = None, val_batch_size: int | None = None, num_workers: int = 4,
                  shuffle_buffer: int = 1000, require_caption: bool = True, max_tries: int = 10_000, seed: int = 0,
                  pin_memory: bool | None = None, prefetch_factor: int | None = None, restart_index: int = 0,
-                 resume: str = "exact") -> None:
+                 resume: str = "exact", cached: bool = False) -> None:
         super().__init__()
+        self.cached = bool(cached)
         self.urls = _plain(urls)
         self.val_urls = _plain(val_urls)
         self.batch_size = int(batch_size)
-        transform = dict(image_size=int(image_size), outputs=tuple(outputs), ratios=[float(r) for r in ratios],
-                         effnet_scale=float(effnet_scale))
-        self.train_transform = ImageTransform(random_crop=True, random_ratio_prob=random_ratio_prob, **transform)
-        self.val_transform = ImageTransform(random_crop=False, **transform)
+        self.train_transform = self.val_transform = None  # a cache holds the transform's results already
+        if not self.cached:
+            transform = dict(image_size=int(image_size), outputs=tuple(outputs), ratios=[float(r) for r in ratios],
+                             effnet_scale=float(effnet_scale))
+            self.train_transform = ImageTransform(random_crop=True, random_ratio_prob=random_ratio_prob, **transform)
+            self.val_transform = ImageTransform(random_crop=False, **transform)
         self.filter = filter
         self.batches_per_epoch, self.val_batches = batches_per_epoch, val_batches
         self.val_batch_size = val_batch_size
@@ -148,13 +154,17 @@ class WebDataModule(L.LightningDataModule):
         common = dict(filter=self.filter, require_caption=self.require_caption, max_tries=self.max_tries,
                       seed=self.seed, rank=rank, world_size=world_size)
         if stage in (None, "fit") and self.train_set is None:
-            self.train_set = WebImageTextDataset(self.urls, batch_size, self.train_transform, resample=True,
-                                                 num_batches=self.batches_per_epoch,
-                                                 shuffle_buffer=self.shuffle_buffer, **common)
+            self.train_set = self._dataset(self.urls, batch_size, self.train_transform, resample=True,
+                                     num_batches=self.batches_per_epoch, shuffle_buffer=self.shuffle_buffer, **common)
         if stage in (None, "fit", "validate") and self.val_urls is not None and self.val_set is None:
-            self.val_set = WebImageTextDataset(self.val_urls, self.val_batch_size or batch_size, self.val_transform,
-                                               resample=False, num_batches=self.val_batches, shuffle_buffer=0,
-                                               **common)
+            self.val_set = self._dataset(self.val_urls, self.val_batch_size or batch_size, self.val_transform,
+                                   resample=False, num_batches=self.val_batches, shuffle_buffer=0, **common)
+
+    def _dataset(self, urls: ShardSpec, batch_size: int, transform: ImageTransform | None,
+                 **kwargs: Any) -> WebImageTextDataset:
+        if self.cached:  # the transform ran when the cache was written
+            return CachedStageCDataset(urls, batch_size, **kwargs)
+        return WebImageTextDataset(urls, batch_size, transform, **kwargs)
 
     def _loader(self, dataset: WebImageTextDataset, position: Callable[[], tuple[int, int, int]]) -> StreamLoader:
         extra = {"prefetch_factor": self.prefetch_factor} if self.num_workers and self.prefetch_factor else {}

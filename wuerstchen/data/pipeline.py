@@ -3,8 +3,9 @@
 Each (rank, dataloader worker) runs this pipeline on its own. Every random choice (which shard next, the shuffle
 buffer, crop positions, random buckets) comes from generators seeded by ``(seed, restart_index, epoch, rank, worker)``,
 so a run is reproducible, a resumed run either continues the same stream (``skip_batches``) or draws a fresh but
-reproducible one (``restart_index + 1``), and ranks need no shard split. Broken input never stops the stream: it is skipped and counted by reason, and the counts travel with
-the batches (``batch["data_stats"]``) to the training process, which logs them.
+reproducible one (``restart_index + 1``), and ranks need no shard split. Broken input never stops the stream: it is
+skipped and counted by reason, and the counts travel with the batches (``batch["data_stats"]``) to the training
+process, which logs them.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ REJECT_REASONS = (
     # LAION filter (filters.LaionFilter.reason)
     "missing_size", "too_small", "too_large", "missing_aesthetic", "low_aesthetic", "missing_punsafe", "unsafe",
     "missing_pwatermark", "watermark",
+    # cached Stage C inputs (data.cached.CachedStageCDataset)
+    "missing_cache", "bad_cache",
 )
 _PIL_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError)
 

@@ -61,25 +61,86 @@ class ImagePreview(L.Callback):
                     logger.log_image(key=f"preview/{name}", images=[grid], step=step)
 
 
-class Throughput(L.Callback):
-    """Logs ``train/samples_per_s`` (this rank's samples over wall time between logged steps, times world size)."""
+# Dense bf16 tensor-core peak per GPU in TFLOP/s (vendor datasheets, SXM parts), matched against the device name.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A6000": 155.0, "A10": 125.0,
+                    "V100": 125.0}
 
-    def __init__(self) -> None:
+
+def peak_tflops(device: torch.device) -> float | None:
+    """The bf16 peak of a CUDA device from ``PEAK_BF16_TFLOPS``, or None (CPU, unknown GPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def batch_signature(batch: dict[str, Any]) -> str:
+    """The tensor shapes of a batch: one FLOP count per signature (aspect buckets change it)."""
+    return repr(tuple((k, tuple(v.shape)) for k, v in sorted(batch.items()) if torch.is_tensor(v)))
+
+
+class Throughput(L.Callback):
+    """Logs ``train/samples_per_s`` (this rank's samples over the wall time between logged steps, times the world size)
+    and, with FLOP counting on, ``train/tflops_per_s`` (per device) and ``train/mfu``.
+
+    FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` over the first training step of each new batch
+    shape: the whole step (frozen encoders' forward, the trained networks' forward and backward), so MFU is the
+    device's useful arithmetic against ``peak_tflops`` (default: the bf16 datasheet peak of the GPU, see
+    ``PEAK_BF16_TFLOPS``; on CPU give it, or MFU is not logged). The counted step runs slower and is left out of the
+    rates. Counting sees eager ops only: leave ``count_flops`` off with ``torch.compile``. Counting can route an op
+    to another kernel (attention), so the counts are checkpointed: a resumed run counts exactly the steps an
+    uninterrupted one does, and stays bitwise equal to it.
+    """
+
+    def __init__(self, count_flops: bool = True, peak_tflops: float | None = None) -> None:
+        self.count_flops = count_flops
+        self.peak = peak_tflops
         self._start: float | None = None
         self._samples = 0
+        self._flops = 0.0
+        self._flops_per_sample: dict[str, float] = {}
+        self._counter: Any = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"flops_per_sample": dict(self._flops_per_sample)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._flops_per_sample = dict(state_dict.get("flops_per_sample", {}))
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.peak is None:
+            self.peak = peak_tflops(pl_module.device)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
+        if self.count_flops and batch_signature(batch) not in self._flops_per_sample:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            self._counter = FlopCounterMode(display=False)
+            self._counter.__enter__()
         if self._start is None:
             self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self._samples += len(batch["captions"]) if "captions" in batch else len(next(iter(batch.values())))
+        samples = len(batch["captions"]) if "captions" in batch else len(next(iter(batch.values())))
+        if self._counter is not None:  # the counted step: record its FLOPs, restart the rate window after it
+            self._counter.__exit__(None, None, None)
+            self._flops_per_sample[batch_signature(batch)] = self._counter.get_total_flops() / samples
+            self._counter = None
+            self._start, self._samples, self._flops = time.perf_counter(), 0, 0.0
+            return
+        self._samples += samples
+        self._flops += self._flops_per_sample.get(batch_signature(batch), 0.0) * samples
         if trainer.global_step % trainer.log_every_n_steps or self._start is None:
             return
         elapsed = time.perf_counter() - self._start
-        if elapsed > 0:
-            rate = self._samples * trainer.world_size / elapsed
-            pl_module.log("train/samples_per_s", rate, on_step=True, on_epoch=False)
-        self._start, self._samples = time.perf_counter(), 0
+        if elapsed > 0 and self._samples:
+            pl_module.log("train/samples_per_s", self._samples * trainer.world_size / elapsed, on_step=True,
+                          on_epoch=False)
+            if self._flops:
+                tflops = self._flops / elapsed / 1e12
+                pl_module.log("train/tflops_per_s", tflops, on_step=True, on_epoch=False)
+                if self.peak:
+                    pl_module.log("train/mfu", tflops / self.peak, on_step=True, on_epoch=False)
+        self._start, self._samples, self._flops = time.perf_counter(), 0, 0.0

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..data.cached import CachedStageCDataset, check_cache_matches
 from ..diffusion import add_noise, diffusion_loss, sample_t
 from ..models import SemanticCompressor, StageA, StageB, StageC
 from ..models.text_encoder import TextEncoder
@@ -48,12 +49,26 @@ class DiffusionStageModule(StageModule):
             log.info("compressor BatchNorm layers: %d SyncBatchNorm, %d per-rank, world size %d", synced, plain,
                      self.trainer.world_size)
 
+    def dropped_captions(self, captions: list[str]) -> list[str]:
+        """The captions with the dropped ones emptied, seeded by (run seed, rank, step): a resumed run drops the same
+        captions as an uninterrupted one."""
+        rng = random.Random(f"captions/{self._caption_seed}/{self.global_rank}/{self.global_step}")
+        return drop_captions(captions, self.caption_drop_prob, rng)
+
     @torch.no_grad()
     def encode_text(self, captions: list[str], drop: bool) -> torch.Tensor:
-        if drop:  # seeded by (run seed, rank, step): a resumed run drops the same captions as an uninterrupted one
-            rng = random.Random(f"captions/{self._caption_seed}/{self.global_rank}/{self.global_step}")
-            captions = drop_captions(captions, self.caption_drop_prob, rng)
+        if drop:
+            captions = self.dropped_captions(captions)
         return self.frozen.text_encoder(captions)  # (B, 77, width)
+
+    def cached_text(self, batch: dict[str, Any], drop: bool) -> torch.Tensor:
+        """Token states from a cache (data=cached), the dropped captions' replaced by the cached states of ""."""
+        clip = batch["clip"].float()
+        if drop:
+            dropped = [new != old for new, old in zip(self.dropped_captions(batch["captions"]), batch["captions"])]
+            mask = torch.tensor(dropped, device=clip.device).view(-1, 1, 1)
+            clip = torch.where(mask, batch["empty_clip"].to(clip), clip)
+        return clip
 
     def log_losses(self, losses: dict[str, torch.Tensor], prefix: str, batch_size: int) -> None:
         on_step = prefix == "train"
@@ -109,6 +124,8 @@ class StageCModule(DiffusionStageModule):
         stage_b_ckpt: the Stage B checkpoint holding the jointly fine-tuned compressor (``effnet.*``).
         effnet: a compressor to use instead of ``stage_b_ckpt`` (e.g. released weights loaded elsewhere).
         text_encoder: frozen CLIP text tower (``c_cond`` wide).
+        effnet_scale: compressor view side / image side of the training data (``data.effnet_scale``), recorded in
+            checkpoints so sampling builds the latent size training saw.
     """
 
     trained = ("stage_c",)
@@ -117,9 +134,16 @@ class StageCModule(DiffusionStageModule):
 
     def __init__(self, stage_c: StageC, text_encoder: TextEncoder, stage_b_ckpt: str | None = None,
                  effnet: SemanticCompressor | None = None, decoder_text_encoder: TextEncoder | None = None,
-                 preview_size: int = 256, preview_steps: int = 20, preview_cfg: float = 4.0, **kwargs: Any) -> None:
+                 preview_size: int = 256, preview_steps: int = 20, preview_cfg: float = 4.0,
+                 effnet_scale: float | None = 0.75, **kwargs: Any) -> None:
         super().__init__(text_encoder=text_encoder, **kwargs)
+        if text_encoder.width != stage_c.config["c_cond"]:
+            raise ValueError(f"stage.text_encoder ({text_encoder.model_name}) gives {text_encoder.width}-wide states "
+                             f"but the prior takes c_cond={stage_c.config['c_cond']}: ViT-H (1024) conditions the "
+                             f"paper's prior, ViT-bigG (1280) the released v2 one")
         self.stage_c = stage_c
+        self.effnet_scale = None if effnet_scale is None else float(effnet_scale)
+        self._latent_shapes_seen: set[tuple[int, ...]] = set()
         self.effnet = effnet.eval().requires_grad_(False) if effnet is not None else \
             load_frozen("effnet", stage_b_ckpt, "stage_b_ckpt")
         self.stage_b_ckpt = stage_b_ckpt
@@ -145,14 +169,38 @@ class StageCModule(DiffusionStageModule):
         generator = torch.Generator(self.device).manual_seed(0)
         size = self.preview_size
         prior = sample_prior(self.stage_c, self.frozen.text_encoder, batch["captions"], size, size,
-                             self.preview_steps, self.preview_cfg, generator)
+                             self.preview_steps, self.preview_cfg, generator, self.effnet_scale)
         return sample_decoder(self.frozen.stage_b, self.frozen.stage_a, self.frozen.decoder_text_encoder,
                               self.effnet.from_prior(prior), batch["captions"], size, size, generator=generator)
 
     def inputs(self, batch: dict[str, Any], train: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if "latents" in batch:  # data=cached: the frozen encoders ran once, in scripts/cache_stage_c.py
+            latents = self.effnet.to_prior(batch["latents"].float())
+            self._log_latent_shape(latents, "cached")
+            return latents, {"clip": self.cached_text(batch, drop=train)}
         with torch.no_grad():
             latents = self.effnet.to_prior(self.effnet(batch["effnet_images"]))  # (B, 16, h, w)
+        h, w = batch["effnet_images"].shape[-2:]
+        self._log_latent_shape(latents, f"from compressor input {w}x{h}")
         return latents, {"clip": self.encode_text(batch["captions"], drop=train)}
+
+    def _log_latent_shape(self, latents: torch.Tensor, source: str) -> None:
+        """Log each new (bucket) latent size once: what the resolution settings amount to."""
+        shape = tuple(latents.shape[1:])
+        if shape not in self._latent_shapes_seen:
+            self._latent_shapes_seen.add(shape)
+            log.info("Stage C latent %s %s", "x".join(map(str, shape)), source)
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        dataset = getattr(self.trainer.datamodule, "train_set", None) if self.trainer is not None else None
+        if isinstance(dataset, CachedStageCDataset):
+            check_cache_matches(dataset.info, self.effnet, self.frozen.text_encoder, self.effnet_scale)
+            self.effnet_scale = float(dataset.info["effnet_scale"])  # recorded in checkpoints, for sampling
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["effnet_scale"] = self.effnet_scale  # sampling builds the latent size this prior trained on
 
 
 class StageBModule(DiffusionStageModule):
@@ -169,16 +217,17 @@ class StageBModule(DiffusionStageModule):
         effnet_init: start the compressor from these weights (a compressor pretraining run, a released
             ``model_v2_stage_b.pt``, a safetensors export); the ImageNet backbone weights come with
             ``stage.effnet.backbone_weights`` instead.
+        freeze_effnet: keep the (pretrained) compressor as it is: eval mode, no gradients, not in the optimizer
+            (the paper fine-tunes it jointly; freezing saves its backward, about a fifth of the demo's step).
     """
 
-    trained = ("stage_b", "effnet")
     weights_stage = "b"
-    frozen_modules = ("stage_a",)
 
     def __init__(self, stage_b: StageB, effnet: SemanticCompressor, text_encoder: TextEncoder,
                  stage_a_ckpt: str | None = None, stage_a: StageA | None = None, effnet_drop_prob: float = 0.05,
                  effnet_noise_prob: float = 0.3, effnet_noise_t_max: float = 0.5, sync_batchnorm: bool = True,
-                 effnet_init: str | None = None, **kwargs: Any) -> None:
+                 effnet_init: str | None = None, freeze_effnet: bool = False, **kwargs: Any) -> None:
+        self._freeze_effnet = bool(freeze_effnet)  # before the base class reads `trained`
         super().__init__(text_encoder=text_encoder, **kwargs)
         self.stage_b = stage_b
         self.effnet = effnet
@@ -194,10 +243,20 @@ class StageBModule(DiffusionStageModule):
                                  f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
             effnet.load_state_dict(state)
             log.info("compressor initialised from %s", effnet_init)
+        if self._freeze_effnet:
+            effnet.eval().requires_grad_(False)
         self.effnet_drop_prob = effnet_drop_prob
         self.effnet_noise_prob = effnet_noise_prob
         self.effnet_noise_t_max = effnet_noise_t_max
-        self.sync_batchnorm = sync_batchnorm
+        self.sync_batchnorm = sync_batchnorm and not self._freeze_effnet  # frozen BatchNorm has nothing to sync
+
+    @property
+    def trained(self) -> tuple[str, ...]:
+        return ("stage_b",) if self._freeze_effnet else ("stage_b", "effnet")
+
+    @property
+    def frozen_modules(self) -> tuple[str, ...]:
+        return ("stage_a", "effnet") if self._freeze_effnet else ("stage_a",)
 
     def configure_model(self) -> None:
         """Distributed: the compressor's BatchNorm layers normalise with statistics over all ranks' batches, set up
@@ -229,7 +288,8 @@ class StageBModule(DiffusionStageModule):
     def inputs(self, batch: dict[str, Any], train: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with torch.no_grad():
             x0 = self.stage_a.encode(batch["images"])  # (B, 4, H/4, W/4), unquantised
-        effnet = self.effnet(batch["effnet_images"])  # (B, 16, h, w), gradients reach the compressor
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self._freeze_effnet):
+            effnet = self.effnet(batch["effnet_images"])  # (B, 16, h, w); gradients reach a compressor in training
         if train:
             effnet = self.augment_effnet(effnet)
         return x0, {"effnet": effnet, "clip": self.encode_text(batch["captions"], drop=train)}

@@ -164,6 +164,19 @@ def consolidate_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return out
 
 
+def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
+    """The plain (non-tensor) top-level entries of one of our training checkpoints, a file or a sharded folder:
+    ``text_encoders``, ``effnet_scale``, ``wandb_run_id``, ``global_step``, ... ({} for any other weight format)."""
+    path = Path(path)
+    file = path / "meta.pt" if is_sharded_checkpoint(path) else path
+    if not file.is_file() or file.suffix == ".safetensors":
+        return {}
+    loaded = torch_load(file, mmap=True)
+    if not isinstance(loaded, dict) or "pytorch-lightning_version" not in loaded:
+        return {}
+    return {k: v for k, v in loaded.items() if k not in ("state_dict", "ema", "optimizer_states", "lr_schedulers")}
+
+
 def read_weights(path: str | os.PathLike, stage: str, prefer_ema: bool = True) -> tuple[StateDict, dict | None]:
     """(state dict in our layout, config or None) from any supported source; checks that it is ``stage``."""
     path = Path(path)
@@ -217,6 +230,32 @@ def infer_config(stage: str, state: StateDict) -> dict[str, Any]:
                      f"explicitly (e.g. --config '{{\"c\": 32, \"depth\": 2, ...}}')")
 
 
+_RUNTIME_KEYS = frozenset({"dropout"})  # constructor options that are not architecture: never checked against weights
+
+
+def _architecture(stage: str, path: str | os.PathLike, state: StateDict, stored: dict[str, Any] | None,
+                  config: dict[str, Any] | None) -> dict[str, Any]:
+    """The stored config (a ``config`` given as well must agree with it), else ``config``, else the full-size layout
+    the shapes match."""
+    if stored is not None and config is not None:
+        conflicts = {k: (v, stored[k]) for k, v in config.items()
+                     if k in stored and k not in _RUNTIME_KEYS and stored[k] != v}
+        if conflicts:
+            raise ValueError(f"model config disagrees with the one stored in {path}: "
+                             + ", ".join(f"{k}={a!r} vs stored {b!r}" for k, (a, b) in conflicts.items()))
+    if stored is not None or config is not None:
+        return {**(config or {}), **(stored or {})}
+    return infer_config(stage, state)
+
+
+def _check_fits(module: nn.Module, state: StateDict, path: str | os.PathLike, stage: str,
+                config: dict[str, Any]) -> None:
+    missing, unexpected, wrong = shape_mismatches(module, state)
+    if missing or unexpected or wrong:
+        raise ValueError(f"{path} does not fit stage {stage} with config {config}: missing {missing[:8]}"
+                         f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}, wrong shape {wrong[:8]}")
+
+
 def load_network(stage: str, path: str | os.PathLike, config: dict[str, Any] | None = None,
                  prefer_ema: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """Build the network the weights at ``path`` belong to and load them strictly.
@@ -224,20 +263,38 @@ def load_network(stage: str, path: str | os.PathLike, config: dict[str, Any] | N
     The config comes from the source when it carries one (diffusers folder, our safetensors); a ``config`` given as
     well must agree with it. Otherwise ``config`` is used, or the full-size layout the shapes match.
     """
-    state, found = read_weights(path, stage, prefer_ema)
-    if found is not None and config is not None:
-        conflicts = {k: (v, found[k]) for k, v in config.items() if k in found and found[k] != v}
-        if conflicts:
-            raise ValueError(f"model config disagrees with the one stored in {path}: "
-                             + ", ".join(f"{k}={ours!r} vs stored {theirs!r}" for k, (ours, theirs) in conflicts.items()))
-    config = {**(config or {}), **(found or {})} if (found or config) else infer_config(stage, state)
+    state, stored = read_weights(path, stage, prefer_ema)
+    config = _architecture(stage, path, state, stored, config)
     module = _spec(stage).builder(**config)
-    missing, unexpected, wrong = shape_mismatches(module, state)
-    if missing or unexpected or wrong:
-        raise ValueError(f"{path} does not fit stage {stage} with config {config}: missing {missing[:8]}"
-                         f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}, wrong shape {wrong[:8]}")
+    _check_fits(module, state, path, stage, config)
     module.load_state_dict(state, strict=True)
     return module, config
+
+
+def network_for(stage: str, path: str | os.PathLike | None, config: dict[str, Any] | None = None,
+                **runtime: Any) -> nn.Module:
+    """A freshly initialised network with the architecture of the weights at ``path`` (``init_from`` loads the weights
+    themselves): fine-tuning configs build their network from the source instead of restating it.
+
+    The architecture is the one the source stores (our checkpoints and exports, diffusers folders), else ``config``,
+    else the full-size layout the shapes match (the released ``.pt`` files); a ``config`` that disagrees with a stored
+    one is an error naming the keys. ``runtime`` options (``dropout``) are not architecture and always apply.
+    """
+    if not path:
+        raise ValueError(f"the stage {stage} model is taken from init_from, which is not set: give init_from=PATH or "
+                         f"choose a model config (model/stage_{stage}@stage.stage_{stage}=full)")
+    state, stored = read_weights(path, stage)
+    try:
+        architecture = _architecture(stage, path, state, stored, config)
+    except ValueError as exn:
+        if stored is not None or config is not None:
+            raise ValueError(f"init_from: {exn}") from None
+        raise ValueError(f"init_from={path} carries no model config and matches no full-size stage {stage} layout: "
+                         f"choose the model config explicitly (model/stage_{stage}@stage.stage_{stage}=NAME)") from None
+    architecture = {k: v for k, v in architecture.items() if k not in _RUNTIME_KEYS}
+    module = _spec(stage).builder(**architecture, **runtime)
+    _check_fits(module, state, path, stage, architecture)
+    return module
 
 
 def save_wuerstchen(state: StateDict, stage: str, config: dict[str, Any], dst: str | os.PathLike) -> None:
