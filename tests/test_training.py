@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
 
-from helpers import ROOT, SIZE, losses, run
+from helpers import ROOT, SIZE, common, losses, run
 from wuerstchen.weights import checkpoint_info, load_network
 
 CONFIGS = ROOT / "configs"
@@ -106,3 +106,17 @@ def test_broken_configs_stop_before_training_naming_the_key(shards: Path, tmp_pa
     assert result.returncode != 0
     assert message in result.stderr + result.stdout
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_frozen_compressor_stays_as_initialised(chain: dict[str, Path], shards: Path, tmp_path: Path) -> None:
+    """demo_stage_b keeps its pretrained compressor frozen: weights and BatchNorm statistics unchanged, not trained."""
+    run_dir = tmp_path / "b"
+    init = chain["effnet"] / "checkpoints" / "last.ckpt"
+    run("train.py", "experiment=demo_stage_b", *common(shards, run_dir, 3, every=3), "data.batch_size=8",
+        f"stage_a_ckpt={chain['a'] / 'checkpoints' / 'last.ckpt'}", f"stage.effnet_init={init}")
+    before, _ = load_network("effnet", init)
+    after, _ = load_network("effnet", run_dir / "checkpoints" / "last.ckpt")
+    assert all(torch.equal(v, after.state_dict()[k]) for k, v in before.state_dict().items())
+    stage_b, _ = load_network("b", run_dir / "checkpoints" / "last.ckpt")
+    assert stage_b.config["c_hidden"] == [32, 64, 128]  # the decoder did train alongside
+    assert len(losses(run_dir)) == 3
