@@ -112,7 +112,8 @@ def main(cfg: DictConfig) -> None:
     with torch.no_grad():
         empty = encoder([""]).to(dtype).cpu()  # (1, 77, width)
     data = cfg.data
-    info = {"source": OmegaConf.to_container(data.urls) if not isinstance(data.urls, str) else data.urls,
+    source = data.urls if isinstance(data.urls, str) else OmegaConf.to_container(data.urls)
+    info = {"source": source,
             "stage_b_ckpt": str(cfg.stage_b_ckpt), "effnet_sha1": fingerprint(effnet), "effnet_config": effnet.config,
             "text_encoder": encoder.config, "image_size": int(data.image_size), "ratios": list(data.ratios),
             "effnet_scale": float(data.effnet_scale), "dtype": cfg.dtype, "crop": "center",
@@ -121,7 +122,7 @@ def main(cfg: DictConfig) -> None:
         write_atomic(out / EMPTY_CAPTION, encode_npy(empty))
         write_atomic(out / INFO, (json.dumps(info, indent=1) + "\n").encode())
 
-    urls = expand_shard_spec(OmegaConf.to_container(data.urls) if not isinstance(data.urls, str) else data.urls)
+    urls = expand_shard_spec(source)
     mine = [u for i, u in enumerate(urls) if i % world_size == rank]
     todo = [u for u in mine if not (out / _shard_name(u)).exists()]
     log.info("rank %d/%d: %d of %d shards to cache (%d done before)", rank, world_size, len(todo), len(mine),

@@ -52,6 +52,25 @@ def losses_by_step(run_dir: Path, key: str = "train/loss") -> dict[int, str]:
     return found
 
 
+def stage_c_inputs(stage_b_ckpt: Path, shards: Path, size: int, batch_size: int):
+    """(batch, compressor latents, text states) for the first centre-cropped batch of ``shards`` through the frozen
+    compressor and text encoder a Stage B checkpoint holds (what Stage C sees online; demo views at 1.5x)."""
+    import torch
+
+    from wuerstchen.data import ImageTransform, WebImageTextDataset, to_model_inputs
+    from wuerstchen.models.text_encoder import TextEncoder
+    from wuerstchen.weights import checkpoint_info, load_network
+
+    effnet, _ = load_network("effnet", stage_b_ckpt)
+    encoder = TextEncoder(**checkpoint_info(stage_b_ckpt)["text_encoders"]["text_encoder"])
+    dataset = WebImageTextDataset(str(shards), batch_size=batch_size, resample=False, shuffle_buffer=0,
+                                  transform=ImageTransform(size, outputs=("effnet_images",), random_crop=False,
+                                                           effnet_scale=1.5))
+    batch = to_model_inputs(next(iter(dataset)))
+    with torch.no_grad():
+        return batch, effnet.eval()(batch["effnet_images"]), encoder(batch["captions"]), encoder([""])
+
+
 def common(shards: Path, run_dir: Path, steps: int, every: int = 20) -> list[str]:
     """Overrides for a short CPU run on the synthetic shards, logging every step."""
     return [f"run_dir={run_dir}", f"data.urls={shards / 'train'}", f"data.val_urls={shards / 'val'}",

@@ -11,11 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import SIZE, common, losses, output, run
-from wuerstchen.data import ImageTransform, WebImageTextDataset, to_model_inputs
+from helpers import SIZE, common, losses, output, run, stage_c_inputs
 from wuerstchen.data.cached import CLIP, EMPTY_CAPTION, INFO, LATENT, decode_npy
-from wuerstchen.models.text_encoder import TextEncoder
-from wuerstchen.weights import checkpoint_info, load_network
+from wuerstchen.weights import checkpoint_info
 
 
 def cache(shards: Path, stage_b: Path, out: Path, check: bool = True):
@@ -49,15 +47,7 @@ def test_cache_holds_what_the_encoders_give_online(cached: Path, shards: Path, c
     assert len(stored) == 400 and all(set(v) == {LATENT, CLIP, "txt", "json"} for v in stored.values())
 
     # online: the same centre-cropped compressor view and caption through the same frozen networks
-    effnet, _ = load_network("effnet", stage_b)
-    encoder = TextEncoder(**checkpoint_info(stage_b)["text_encoders"]["text_encoder"])
-    dataset = WebImageTextDataset(str(shards / "train"), batch_size=32, resample=False, shuffle_buffer=0,
-                                  transform=ImageTransform(SIZE, outputs=("effnet_images",), random_crop=False,
-                                                           effnet_scale=1.5))
-    batch = to_model_inputs(next(iter(dataset)))
-    with torch.no_grad():
-        latents, clip = effnet.eval()(batch["effnet_images"]), encoder(batch["captions"])
-        empty = encoder([""])
+    batch, latents, clip, empty = stage_c_inputs(stage_b, shards / "train", SIZE, 32)
     for i, key in enumerate(batch["keys"]):
         cached_latent = torch.from_numpy(decode_npy(stored[key][LATENT]))
         cached_clip = torch.from_numpy(decode_npy(stored[key][CLIP]))

@@ -11,8 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import SIZE, common, output, run
-from wuerstchen.data import ImageTransform, WebImageTextDataset, to_model_inputs
+from helpers import SIZE, common, output, run, stage_c_inputs
 from wuerstchen.data.synthetic import write_synthetic_shards
 from wuerstchen.diffusion import diffusion_loss
 from wuerstchen.models import StageC
@@ -42,18 +41,14 @@ def finetune(shards: Path, run_dir: Path, init_from: Path, stage_b: Path, *extra
 @torch.no_grad()
 def fixed_loss(stage_c: StageC, stage_b_ckpt: Path, shards: Path) -> float:
     """The eps loss over the new-size validation images at fixed t and noise (what fine-tuning should lower)."""
+    _, latents, clip, _ = stage_c_inputs(stage_b_ckpt, shards / "val", NEW, 16)
     effnet, _ = load_network("effnet", stage_b_ckpt)
-    encoder = TextEncoder(**checkpoint_info(stage_b_ckpt)["text_encoders"]["text_encoder"])
-    dataset = WebImageTextDataset(str(shards / "val"), batch_size=16, resample=False, shuffle_buffer=0,
-                                  transform=ImageTransform(NEW, outputs=("effnet_images",), random_crop=False,
-                                                           effnet_scale=1.5))
-    batch = to_model_inputs(next(iter(dataset)))
-    x0 = effnet.eval().to_prior(effnet(batch["effnet_images"]))
+    x0 = effnet.to_prior(latents)
     assert x0.shape[1:] == (16, 6, 6)
     generator = torch.Generator().manual_seed(0)
     t = torch.rand(len(x0), generator=generator) * 0.9 + 0.05
     noise = torch.randn(x0.shape, generator=generator)
-    return float(diffusion_loss(stage_c.eval(), x0, t, noise, clip=encoder(batch["captions"]))["loss_unweighted"])
+    return float(diffusion_loss(stage_c.eval(), x0, t, noise, clip=clip)["loss_unweighted"])
 
 
 def test_finetune_from_an_export_at_twice_the_resolution(chain: dict[str, Path], shards_new: Path,

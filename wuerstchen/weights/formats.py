@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +70,10 @@ def _spec(stage: str) -> StageSpec:
 
 
 def torch_load(path: str | os.PathLike, mmap: bool = False) -> Any:
-    """``torch.load`` restricted to tensors and plain containers (``mmap``: read tensors lazily from disk)."""
+    """``torch.load`` restricted to tensors and plain containers (``mmap``: read tensors lazily from disk, for files in
+    torch's zip format; older files are read whole)."""
+    if mmap and not zipfile.is_zipfile(path):
+        mmap = False
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exn:  # torch raises UnpicklingError (and others) for anything beyond plain data
@@ -177,8 +181,10 @@ def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
     return {k: v for k, v in loaded.items() if k not in ("state_dict", "ema", "optimizer_states", "lr_schedulers")}
 
 
-def read_weights(path: str | os.PathLike, stage: str, prefer_ema: bool = True) -> tuple[StateDict, dict | None]:
-    """(state dict in our layout, config or None) from any supported source; checks that it is ``stage``."""
+def read_weights(path: str | os.PathLike, stage: str, prefer_ema: bool = True,
+                 mmap: bool = False) -> tuple[StateDict, dict | None]:
+    """(state dict in our layout, config or None) from any supported source; checks that it is ``stage``.
+    ``mmap``: tensors of pickled files stay on disk until touched (enough to read shapes)."""
     path = Path(path)
     config: dict[str, Any] | None = None
     if is_sharded_checkpoint(path):
@@ -193,7 +199,7 @@ def read_weights(path: str | os.PathLike, stage: str, prefer_ema: bool = True) -
         if "wuerstchen_config" in metadata:
             config = json.loads(metadata["wuerstchen_config"])
     elif path.exists():
-        loaded = torch_load(path)
+        loaded = torch_load(path, mmap=mmap)
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a dict of tensors or a checkpoint dict, got {type(loaded).__name__}")
         state, config = _from_checkpoint(loaded, stage, str(path), prefer_ema)
@@ -283,7 +289,7 @@ def network_for(stage: str, path: str | os.PathLike | None, config: dict[str, An
     if not path:
         raise ValueError(f"the stage {stage} model is taken from init_from, which is not set: give init_from=PATH or "
                          f"choose a model config (model/stage_{stage}@stage.stage_{stage}=full)")
-    state, stored = read_weights(path, stage)
+    state, stored = read_weights(path, stage, mmap=True)  # shapes only: init_from reads the values
     try:
         architecture = _architecture(stage, path, state, stored, config)
     except ValueError as exn:
