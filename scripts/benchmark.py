@@ -1,22 +1,35 @@
-"""Stage C training-step throughput: samples/s, step time, peak memory, FLOPs per sample and MFU, with the frozen
-encoders in the step (online) or their outputs read from a cache (cached), eager or compiled, at several latent sizes.
+"""Training-step throughput of Stage C and Stage B: samples/s, step time, peak memory, FLOPs per sample and MFU, with
+the frozen networks in the step (online) or their outputs read from a cache (cached), eager or compiled, at several
+sizes; optionally the device-hours a schedule of N samples takes.
 
-    python scripts/benchmark.py [--preset tiny|small|full] [--batch N] [--latent 12 24 48] [--data online cached]
-                                [--compile] [--device cpu|cuda] [--dtype fp32|bf16] [--peak-tflops X]
+    python scripts/benchmark.py [--stage c|b] [--preset tiny|small|full] [--batch N] [--latent 12 24 48]
+                                [--image 256 512 1024] [--data online cached cached_frozen] [--compile]
+                                [--device cpu|cuda] [--dtype fp32|bf16] [--peak-tflops X] [--project SAMPLES]
                                 [--steps 10] [--warmup 3] [--json out.json]
 
-One step is what ``StageCModule`` does per batch: online, the compressor's forward on the images' 0.75x views
-(32 x latent px) and the text encoder's forward on 77-token captions, then (both modes) the eps loss of the prior at
-the official t-sampler with p2 weight, backward and an AdamW step. FLOPs are counted with
-``torch.utils.flop_counter.FlopCounterMode`` over one eager step (forward + backward; encoders included when online)
-and divided by the batch. MFU = FLOPs per sample x samples/s / peak (``--peak-tflops``, default the GPU's bf16
-datasheet peak; none on CPU). Presets: ``tiny`` (the demo's networks), ``small``, ``full`` (the paper's 16-block
-prior, ViT-H text, EfficientNetV2-S: a GPU job). Random weights: speed does not depend on them.
+Stage C (``--latent``: sides of its 16-channel latent): one step is what ``StageCModule`` does per batch. Online, the
+compressor's forward on the images' 0.75x views (32 x latent px) and the text encoder's forward on 77-token captions;
+then (both modes) the eps loss of the prior at the official t-sampler with p2 weight, backward and an AdamW step.
+
+Stage B (``--image``: image sides): online, the frozen Stage A encoder on the images and the text encoder, and the
+compressor (fine-tuned jointly, as the recipe does) forward and backward on the 0.75x views; ``cached``: Stage A
+latents and token states from a cache, the compressor still trained on its cached views; ``cached_frozen``: a frozen
+compressor's latents cached too (``stage.freeze_effnet=true``). Then the decoder's eps loss, backward, AdamW.
+
+FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` (CPU attention included) over one eager step
+(forward + backward; frozen networks included when they run in the step) and divided by the batch. MFU = FLOPs per
+sample x samples/s / peak (``--peak-tflops``, default the GPU's bf16 datasheet peak; none on CPU). ``--project N`` adds
+the device-hours for N training samples: measured (N / samples/s, on the device that ran) and, from the FLOPs, on A100s
+(312 bf16 TFLOP/s) at 20/40/60 % MFU. ``--device meta`` counts FLOPs only, without memory or time (for presets too large
+to run here).
+Presets: ``tiny`` (the demo's networks), ``small``, ``full`` (the paper's networks: 16-block prior or the 4-level
+decoder, ViT-H text, EfficientNetV2-S, the f4 VQGAN: a GPU job). Random weights: speed does not depend on them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -27,27 +40,47 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import hydra  # noqa: E402
 import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
+from wuerstchen.data import compressor_size  # noqa: E402
 from wuerstchen.diffusion import diffusion_loss, sample_t  # noqa: E402
 from wuerstchen.models import SemanticCompressor, StageC  # noqa: E402
 from wuerstchen.models.text_encoder import TextEncoder  # noqa: E402
-from wuerstchen.training.callbacks import peak_tflops  # noqa: E402
+from wuerstchen.training.callbacks import flop_counter, peak_tflops  # noqa: E402
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"batch": 16, "stage_c": {"c": 128, "c_cond": 32, "depth": 4, "nhead": 4, "dropout": 0.0},
-             "text": "wuerstchen-tiny-text", "effnet": {"backbone": "timm", "timm_name": "test_efficientnet"}},
+             "text": "wuerstchen-tiny-text", "effnet": {"backbone": "timm", "timm_name": "test_efficientnet"},
+             "stage_b": ("tiny", {}), "stage_a": "tiny", "batch_b": 16},
     "small": {"batch": 8, "stage_c": {"c": 384, "c_cond": 32, "depth": 8, "nhead": 6, "dropout": 0.1},
-              "text": "wuerstchen-tiny-text", "effnet": {"backbone": "timm", "timm_name": "test_efficientnet"}},
+              "text": "wuerstchen-tiny-text", "effnet": {"backbone": "timm", "timm_name": "test_efficientnet"},
+              "stage_b": ("tiny", {"c_hidden": [64, 128, 256], "nhead": [-1, 4, 8], "blocks": [1, 2, 4],
+                                   "dropout": 0.1}), "stage_a": "tiny", "batch_b": 8},
     "full": {"batch": 32, "stage_c": {"c": 1280, "c_cond": 1024, "depth": 16, "nhead": 16, "dropout": 0.1},
-             "text": "ViT-H-14", "effnet": {"backbone": "torchvision"}},
+             "text": "ViT-H-14", "effnet": {"backbone": "torchvision"},
+             "stage_b": ("full", {}), "stage_a": "full", "batch_b": 8},
 }
 CAPTION = "a photo of a red fox sitting in the snow next to a wooden cabin, golden hour, 35 mm"
+MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
+A100_BF16_TFLOPS = 312.0
+
+
+def from_config(group: str, name: str, **overrides: Any) -> torch.nn.Module:
+    """A network as ``configs/model/<group>/<name>.yaml`` builds it (random weights), with overrides."""
+    config = OmegaConf.merge(OmegaConf.load(MODEL_CONFIGS / group / f"{name}.yaml"), overrides)
+    return hydra.utils.instantiate(config)
+
+
+def captions(batch: int) -> list[str]:
+    return [CAPTION] * batch
 
 
 class Bench:
-    """The networks of one preset and a step function for a given latent size and data mode."""
+    """Stage C: the networks of one preset and a step function for a given latent size and data mode."""
+
+    data_modes = ("online", "cached")
 
     def __init__(self, preset: dict[str, Any], device: torch.device, dtype: torch.dtype) -> None:
         self.device, self.dtype = device, dtype
@@ -55,23 +88,32 @@ class Bench:
         self.effnet = SemanticCompressor(**preset["effnet"]).to(device).eval().requires_grad_(False)
         self.text = TextEncoder(model_name=preset["text"]).to(device)
         self.optimizer = torch.optim.AdamW(self.prior.parameters(), lr=1e-4)
+        self.trained = self.prior
         self.forward = self.prior
 
     def compile(self) -> None:
-        self.forward = torch.compile(self.prior)
+        self.forward = torch.compile(self.trained)
+
+    def autocast(self) -> torch.autocast:
+        """bf16 autocast when asked for (FLOP counting on the meta device runs without: the count is the same)."""
+        meta = self.device.type == "meta"
+        return torch.autocast("cpu" if meta else self.device.type, self.dtype,
+                              enabled=self.dtype != torch.float32 and not meta)
+
+    def size(self, side: int) -> str:
+        return f"{side}x{side}"
 
     def inputs(self, batch: int, latent: int, data: str) -> dict[str, Any]:
         if data == "online":  # uint8-range images already normalised: the loader's part is not timed here
             side = 32 * latent
             return {"effnet_images": torch.randn(batch, 3, side, side, device=self.device),
-                    "captions": [CAPTION] * batch}
+                    "captions": captions(batch)}
         with torch.no_grad():  # what a cache holds: latents and token states
             return {"latents": torch.randn(batch, 16, latent, latent, device=self.device),
-                    "clip": self.text([CAPTION] * batch).to(self.device)}
+                    "clip": self.text(captions(batch)).to(self.device)}
 
     def step(self, batch: dict[str, Any]) -> None:
-        autocast = torch.autocast(self.device.type, self.dtype, enabled=self.dtype != torch.float32)
-        with autocast:
+        with self.autocast():
             if "effnet_images" in batch:
                 with torch.no_grad():
                     x0 = self.effnet.to_prior(self.effnet(batch["effnet_images"])).float()
@@ -85,16 +127,73 @@ class Bench:
         self.optimizer.step()
 
 
+class DecoderBench(Bench):
+    """Stage B: decoder, frozen Stage A and text encoder, and the compressor (trained jointly, or frozen and cached)."""
+
+    data_modes = ("online", "cached", "cached_frozen")
+
+    def __init__(self, preset: dict[str, Any], device: torch.device, dtype: torch.dtype) -> None:
+        self.device, self.dtype = device, dtype
+        name, overrides = preset["stage_b"]
+        self.decoder = from_config("stage_b", name, **overrides).to(device).train()
+        self.stage_a = from_config("stage_a", preset["stage_a"]).to(device).eval().requires_grad_(False)
+        self.effnet = SemanticCompressor(**preset["effnet"]).to(device).train()
+        self.text = TextEncoder(model_name=preset["text"]).to(device)
+        # the recipe's single optimizer over decoder and compressor; a cached (frozen) latent leaves the compressor's
+        # gradients empty and AdamW skips it
+        self.optimizer = torch.optim.AdamW([*self.decoder.parameters(), *self.effnet.parameters()], lr=1e-4)
+        self.trained = self.decoder
+        self.forward = self.decoder
+
+    def size(self, side: int) -> str:
+        return f"{side}px"
+
+    def inputs(self, batch: int, side: int, data: str) -> dict[str, Any]:
+        view = compressor_size(side)
+        out: dict[str, Any] = {"captions": captions(batch)}
+        if data == "online":
+            out["images"] = torch.rand(batch, 3, side, side, device=self.device)
+        else:
+            with torch.no_grad():
+                out["stage_a_latents"] = torch.randn(batch, 4, side // 4, side // 4, device=self.device)
+                out["clip"] = self.text(captions(batch)).to(self.device)
+        if data == "cached_frozen":
+            out["latents"] = torch.randn(batch, 16, view // 32, view // 32, device=self.device)
+        else:
+            out["effnet_images"] = torch.randn(batch, 3, view, view, device=self.device)
+        return out
+
+    def step(self, batch: dict[str, Any]) -> None:
+        with self.autocast():
+            if "images" in batch:
+                with torch.no_grad():
+                    x0 = self.stage_a.encode(batch["images"]).float()
+                    clip = self.text(batch["captions"])
+            else:
+                x0, clip = batch["stage_a_latents"], batch["clip"]
+            effnet = batch["latents"] if "latents" in batch else self.effnet(batch["effnet_images"])
+            t = sample_t(x0.shape[0], device=self.device)
+            loss = diffusion_loss(self.forward, x0, t, torch.randn_like(x0), weighting="code", effnet=effnet,
+                                  clip=clip)["loss"]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def measure(bench: Bench, batch_size: int, latent: int, data: str, steps: int, warmup: int) -> dict[str, Any]:
-    batch = bench.inputs(batch_size, latent, data)
-    with FlopCounterMode(display=False) as counter:
+def measure(bench: Bench, batch_size: int, size: int, data: str, steps: int, warmup: int) -> dict[str, Any]:
+    batch = bench.inputs(batch_size, size, data)
+    with flop_counter() as counter:
         bench.step(batch)  # eager (counting sees through compile poorly; the count is the same arithmetic)
     flops = counter.get_total_flops() / batch_size
+    row = {"size": bench.size(size), "data": data, "batch": batch_size, "step_ms": None, "samples_per_s": None,
+           "gflops_per_sample": round(flops / 1e9, 3), "peak_mem_GB": None, "achieved_tflops": None}
+    if bench.device.type == "meta":  # FLOPs only
+        return row
     if bench.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(bench.device)
     for _ in range(warmup):
@@ -108,22 +207,35 @@ def measure(bench: Bench, batch_size: int, latent: int, data: str, steps: int, w
         times.append(time.perf_counter() - start)
     step = statistics.median(times)
     peak = torch.cuda.max_memory_allocated(bench.device) / 2**30 if bench.device.type == "cuda" else None
-    return {"latent": f"{latent}x{latent}", "data": data, "batch": batch_size, "step_ms": round(1e3 * step, 2),
-            "samples_per_s": round(batch_size / step, 2), "gflops_per_sample": round(flops / 1e9, 3),
-            "peak_mem_GB": None if peak is None else round(peak, 2),
-            "achieved_tflops": flops * batch_size / step / 1e12}
+    row.update(step_ms=round(1e3 * step, 2), samples_per_s=round(batch_size / step, 2),
+               peak_mem_GB=None if peak is None else round(peak, 2), achieved_tflops=flops * batch_size / step / 1e12)
+    return row
+
+
+def project(row: dict[str, Any], samples: float) -> dict[str, Any]:
+    """Device-hours for ``samples`` training samples: measured on this device, and on A100s at fixed MFUs."""
+    flops = row["gflops_per_sample"] * 1e9 * samples
+    out = {f"a100_h_mfu{int(100 * mfu)}": round(flops / (A100_BF16_TFLOPS * 1e12 * mfu) / 3600) for mfu in
+           (0.2, 0.4, 0.6)}
+    out["device_h"] = round(samples / row["samples_per_s"] / 3600) if row["samples_per_s"] else None
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", default="c", choices=["b", "c"])
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--latent", type=int, nargs="+", default=[3, 6, 12])
-    parser.add_argument("--data", nargs="+", default=["online", "cached"], choices=["online", "cached"])
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd prior")
+    parser.add_argument("--latent", type=int, nargs="+", default=[3, 6, 12], help="Stage C latent sides")
+    parser.add_argument("--image", type=int, nargs="+", default=[64, 128, 256], help="Stage B image sides")
+    parser.add_argument("--data", nargs="+", default=None, choices=list(DecoderBench.data_modes),
+                        help="default: all the stage has (cached_frozen is Stage B's)")
+    parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd trained network")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=["fp32", "bf16"])
     parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--project", type=float, default=None, metavar="SAMPLES",
+                        help="also the device-hours for this many training samples (the paper's Stage C: 1.42e9)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -132,37 +244,52 @@ def main() -> None:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     preset = PRESETS[args.preset]
-    batch_size = args.batch or preset["batch"]
+    kind = DecoderBench if args.stage == "b" else Bench
+    modes = args.data or kind.data_modes
+    if set(modes) - set(kind.data_modes):
+        parser.error(f"--data {sorted(set(modes) - set(kind.data_modes))}: Stage {args.stage.upper()} has "
+                     f"{list(kind.data_modes)}")
+    sizes = args.image if args.stage == "b" else args.latent
+    batch_size = args.batch or preset["batch_b" if args.stage == "b" else "batch"]
     peak = args.peak_tflops or peak_tflops(device)
-    bench = Bench(preset, device, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    with device if device.type == "meta" else contextlib.nullcontext():
+        bench = kind(preset, device, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     rows = []
     for compiled in ([False, True] if args.compile else [False]):
         if compiled:
             bench.compile()
-        for latent in args.latent:
-            for data in args.data:
-                row = measure(bench, batch_size, latent, data, args.steps, args.warmup)
+        for size in sizes:
+            for data in modes:
+                row = measure(bench, batch_size, size, data, args.steps, args.warmup)
                 row["compile"] = compiled
                 achieved = row.pop("achieved_tflops")
-                row["mfu"] = round(achieved / peak, 4) if peak else None
+                row["mfu"] = round(achieved / peak, 4) if peak and achieved else None
+                if args.project:
+                    row.update(project(row, args.project))
                 rows.append(row)
-    for row in rows:  # cached over online at the same latent size and compile setting
-        online = next((r for r in rows if r["data"] == "online" and r["latent"] == row["latent"]
+    for row in rows:  # over online at the same size and compile setting
+        online = next((r for r in rows if r["data"] == "online" and r["size"] == row["size"]
                        and r["compile"] == row["compile"]), None)
-        row["vs_online"] = round(row["samples_per_s"] / online["samples_per_s"], 2) if online else None
-    params = sum(p.numel() for p in bench.prior.parameters())
-    print(f"Stage C preset {args.preset} ({params / 1e6:.2f} M parameters), {args.dtype}, {device} "
-          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}, "
+        row["vs_online"] = round(row["samples_per_s"] / online["samples_per_s"], 2) \
+            if online and row["samples_per_s"] else None
+    params = sum(p.numel() for p in bench.trained.parameters())
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or device.type
+    print(f"Stage {args.stage.upper()} preset {args.preset} ({params / 1e6:.2f} M parameters trained"
+          f"{' + compressor' if args.stage == 'b' else ''}), {args.dtype}, {device} ({where}, "
           f"{torch.get_num_threads()} threads), torch {torch.__version__}, median of {args.steps} steps after "
           f"{args.warmup}; peak {peak or 'n/a'} TFLOP/s")
-    keys = ["latent", "data", "compile", "batch", "step_ms", "samples_per_s", "vs_online", "gflops_per_sample",
+    keys = ["size", "data", "compile", "batch", "step_ms", "samples_per_s", "vs_online", "gflops_per_sample",
             "peak_mem_GB", "mfu"]
+    if args.project:
+        keys += ["device_h", "a100_h_mfu20", "a100_h_mfu40", "a100_h_mfu60"]
+        print(f"device-hours for {args.project:.3g} training samples (per device; A100: 312 bf16 TFLOP/s)")
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))
     for row in rows:
         print("| " + " | ".join("-" if row[k] is None else str(row[k]) for k in keys) + " |")
     if args.json:
-        args.json.write_text(json.dumps({"preset": args.preset, "device": str(device), "rows": rows}, indent=1) + "\n")
+        args.json.write_text(json.dumps({"stage": args.stage, "preset": args.preset, "device": str(device),
+                                         "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ scores.
     python scripts/demo.py [--out outputs/demo] [--data data/synthetic] [--fresh]
     python scripts/demo.py --finetune 128    # then: Stage C fine-tuned at a doubled resolution, scored before/after
 
-Each stage trains through ``scripts/train.py`` with its ``demo_stage_*`` experiment, exactly as a user would run it.
+Each stage trains through ``scripts/train.py`` with its ``demo_stage_*`` experiment, exactly as a user would run it;
+Stage B and C read caches of their frozen networks' outputs (``scripts/cache_latents.py``, ``data=synthetic_cached``).
 Re-running resumes: a finished stage is not trained again, an interrupted one continues from its newest checkpoint
 (``--fresh`` starts all three over). Writes ``summary.json`` (Stage A PSNR on held-out
 images, caption colour/shape/position accuracy of generated images, timings) and ``samples.png`` (a captioned grid).
@@ -38,6 +39,8 @@ from wuerstchen.weights import load_network  # noqa: E402
 # (run name, experiment): the compressor's contrastive pretraining stands in for its ImageNet weights
 STAGES = (("effnet", "demo_effnet"), ("stage_a", "demo_stage_a"), ("stage_b", "demo_stage_b"),
           ("stage_c", "demo_stage_c"))
+# Stage B and C train from caches of their frozen networks' outputs (scripts/cache_latents.py), written just before
+CACHED = {"stage_b": "b", "stage_c": "c"}
 # Stage B guidance over its semantic latent (zeroed for the unconditional branch); the released recipe has it off,
 # the tiny demo decoder reconstructs colour from real latents at 0.77 without and 0.87 with 1.5
 DECODER_CFG = 1.5
@@ -51,19 +54,46 @@ def make_data(data: Path, size: int) -> None:
         write_synthetic_shards(data / "val", 256, size, seed=1, shard_size=256)
 
 
+def ckpt(out: Path, name: str) -> Path:
+    return out / name / "checkpoints" / "last.ckpt"
+
+
+def cache(out: Path, data: Path, stage: str) -> Path:
+    """Stage ``stage``'s frozen inputs for the training and held-out shards, written once (re-runs skip done shards):
+    Stage B's are the Stage A latents, the frozen compressor's latents and the token states; Stage C's the compressor
+    latents and the token states."""
+    folder = out / f"cache_{stage}"
+    networks = [f"stage_b_ckpt={ckpt(out, 'stage_b')}"]
+    if stage == "b":  # demo_stage_b keeps the pretrained compressor frozen: its latents are cached too
+        networks = [f"stage_a_ckpt={ckpt(out, 'stage_a')}", f"effnet_ckpt={ckpt(out, 'effnet')}"]
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "cache_latents.py"), f"for_stage={stage}", "data=synthetic",
+                    f"data.urls={data / 'train'}", f"data.val_urls={data / 'val'}", *networks,
+                    f"out={folder / 'train'}", f"val_out={folder / 'val'}", "model/text_encoder@text_encoder=tiny",
+                    "batch_size=64", "num_workers=1"], check=True, cwd=ROOT)
+    return folder
+
+
 def train(out: Path, data: Path, fresh: bool) -> dict[str, float]:
     timings = {}
     for name, experiment in STAGES:
         run_dir = out / name
         if fresh:
             shutil.rmtree(run_dir, ignore_errors=True)
+            if name in CACHED:
+                shutil.rmtree(out / f"cache_{CACHED[name]}", ignore_errors=True)
+        source = [f"data.urls={data / 'train'}", f"data.val_urls={data / 'val'}"]
+        if name in CACHED:
+            print(f"== caching the frozen inputs of {name}", flush=True)
+            start = time.perf_counter()
+            folder = cache(out, data, CACHED[name])
+            timings[f"cache_{name}_s"] = round(time.perf_counter() - start, 1)
+            source = ["data=synthetic_cached", f"data.urls={folder / 'train'}", f"data.val_urls={folder / 'val'}"]
         print(f"== training {name} ({experiment}; resumes or skips what an earlier run finished)", flush=True)
         command = [sys.executable, str(ROOT / "scripts" / "train.py"), f"experiment={experiment}",
-                   f"run_dir={run_dir}", f"data.urls={data / 'train'}", f"data.val_urls={data / 'val'}",
-                   f"stage_a_ckpt={out / 'stage_a' / 'checkpoints' / 'last.ckpt'}",
-                   f"stage_b_ckpt={out / 'stage_b' / 'checkpoints' / 'last.ckpt'}"]
+                   f"run_dir={run_dir}", *source, f"stage_a_ckpt={ckpt(out, 'stage_a')}",
+                   f"stage_b_ckpt={ckpt(out, 'stage_b')}"]
         if name == "stage_b":
-            command.append(f"stage.effnet_init={out / 'effnet' / 'checkpoints' / 'last.ckpt'}")
+            command.append(f"stage.effnet_init={ckpt(out, 'effnet')}")
         start = time.perf_counter()
         subprocess.run(command, check=True, cwd=ROOT)
         timings[f"train_{name}_s"] = round(time.perf_counter() - start, 1)

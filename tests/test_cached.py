@@ -1,8 +1,10 @@
-"""Cached Stage C inputs: scripts/cache_stage_c.py writes what the encoders give online, resumes per shard, and
-Stage C trains from the cache (data=cached) only with the frozen networks that wrote it."""
+"""Caches of frozen networks' outputs: scripts/cache_latents.py writes what the networks give online, resumes per
+shard, and Stage C and Stage B train from a cache (data=cached) only with the frozen networks that wrote it; a cached
+Stage B run follows the online one step for step."""
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 from pathlib import Path
@@ -11,20 +13,38 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import SIZE, common, losses, output, run, stage_c_inputs
-from wuerstchen.data.cached import CLIP, EMPTY_CAPTION, INFO, LATENT, decode_npy
+from helpers import JOINT_COMPRESSOR, SIZE, common, losses, output, run, stage_c_inputs
+from wuerstchen.data.cached import CLIP, EFFNET_VIEW, EMPTY_CAPTION, INFO, LATENT, STAGE_A, decode_npy
 from wuerstchen.weights import checkpoint_info
 
 
 def cache(shards: Path, stage_b: Path, out: Path, check: bool = True):
-    return run("cache_stage_c.py", f"data.urls={shards / 'train'}", "data=synthetic", f"data.image_size={SIZE}",
+    return run("cache_latents.py", f"data.urls={shards / 'train'}", "data=synthetic", f"data.image_size={SIZE}",
                f"stage_b_ckpt={stage_b}", f"out={out}", "model/text_encoder@text_encoder=tiny", "batch_size=16",
                "num_workers=2", check=check)
+
+
+def cache_b(shards: Path, chain: dict[str, Path], out: Path, *overrides: str):
+    """Stage B's cache of the training and validation shards (``out/train``, ``out/val``)."""
+    return run("cache_latents.py", "for_stage=b", f"data.urls={shards / 'train'}", f"data.val_urls={shards / 'val'}",
+               "data=synthetic", f"data.image_size={SIZE}", f"stage_a_ckpt={chain['a'] / 'checkpoints' / 'last.ckpt'}",
+               f"out={out / 'train'}", f"val_out={out / 'val'}", "model/text_encoder@text_encoder=tiny",
+               "batch_size=16", "num_workers=1", *overrides)
 
 
 def members(shard: Path) -> dict[str, bytes]:
     with tarfile.open(shard) as tar:
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def samples(cache_dir: Path) -> dict[str, dict[str, bytes]]:
+    """Every sample of a cache: key -> {file name: bytes}."""
+    stored: dict[str, dict[str, bytes]] = {}
+    for shard in sorted(cache_dir.glob("*.tar")):
+        for name, data in members(shard).items():
+            key, ext = name.split(".", 1)
+            stored.setdefault(key, {})[ext] = data
+    return stored
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +59,7 @@ def test_cache_holds_what_the_encoders_give_online(cached: Path, shards: Path, c
     assert sorted(p.name for p in cached.glob("*.tar")) == ["00000.tar", "00001.tar"]
     info = json.loads((cached / INFO).read_text())
     assert info["effnet_scale"] == 1.5 and info["text_encoder"]["model_name"] == "wuerstchen-tiny-text"
-    stored = {}
-    for shard in sorted(cached.glob("*.tar")):
-        for name, data in members(shard).items():
-            key, ext = name.split(".", 1)
-            stored.setdefault(key, {})[ext] = data
+    stored = samples(cached)
     assert len(stored) == 400 and all(set(v) == {LATENT, CLIP, "txt", "json"} for v in stored.values())
 
     # online: the same centre-cropped compressor view and caption through the same frozen networks
@@ -68,7 +84,7 @@ def test_cache_resumes_per_shard(cached: Path, shards: Path, chain: dict[str, Pa
     before = (out / "00001.tar").stat().st_mtime_ns
     (out / "00000.tar.partial").write_bytes(b"interrupted")  # an interrupted shard: written again
     log = output(cache(shards, chain["b"] / "checkpoints" / "last.ckpt", out))
-    assert "1 of 2 shards to cache (1 done before)" in log
+    assert "1 of 2 shards to cache into" in log and "(1 done before)" in log
     assert (out / "00001.tar").stat().st_mtime_ns == before
     assert not (out / "00000.tar.partial").exists()
     assert (out / "00000.tar").read_bytes() == (cached / "00000.tar").read_bytes()  # deterministic bytes
@@ -91,3 +107,101 @@ def test_stage_c_trains_from_the_cache(cached: Path, shards: Path, chain: dict[s
                   "data.batch_size=16", "data.image_size=64", f"stage_b_ckpt={other}",
                   *[o.replace(str(tmp_path / "c"), str(tmp_path / "refused")) for o in overrides], check=False)
     assert refused.returncode != 0 and "another compressor" in output(refused)
+
+
+@pytest.fixture(scope="module")
+def cached_b(shards: Path, chain: dict[str, Path], tmp_path_factory) -> Path:
+    """Stage B's cache for a compressor that trains jointly: Stage A latents, token states, compressor views."""
+    out = tmp_path_factory.mktemp("cache_b")
+    cache_b(shards, chain, out)
+    return out
+
+
+def test_stage_b_cache_holds_what_stage_b_computes_online(cached_b: Path, shards: Path, chain: dict[str, Path],
+                                                           tmp_path: Path) -> None:
+    from PIL import Image
+
+    from wuerstchen.data import ImageTransform, WebImageTextDataset, to_model_inputs
+    from wuerstchen.models.text_encoder import TextEncoder
+    from wuerstchen.weights import load_network
+
+    info = json.loads((cached_b / "train" / INFO).read_text())
+    assert info["stage"] == "b" and set(info["arrays"]) == {STAGE_A, EFFNET_VIEW, CLIP}
+    stored = samples(cached_b / "train")
+    assert len(stored) == 400 and all(set(v) == {STAGE_A, EFFNET_VIEW, CLIP, "txt", "json"} for v in stored.values())
+    assert len(samples(cached_b / "val")) == 32
+
+    stage_a, _ = load_network("a", chain["a"] / "checkpoints" / "last.ckpt")
+    encoder = TextEncoder(**checkpoint_info(chain["b"] / "checkpoints" / "last.ckpt")["text_encoders"]["text_encoder"])
+    dataset = WebImageTextDataset(str(shards / "train"), batch_size=32, resample=False, shuffle_buffer=0,
+                                  transform=ImageTransform(SIZE, random_crop=False, effnet_scale=1.5))
+    raw = next(iter(dataset))
+    views = raw["effnet_images"].clone()
+    batch = to_model_inputs(raw)
+    with torch.no_grad():
+        latents, clip = stage_a.eval().encode(batch["images"]), encoder(batch["captions"])
+    for i, key in enumerate(batch["keys"]):
+        cached_latent = torch.from_numpy(decode_npy(stored[key][STAGE_A]))
+        assert cached_latent.dtype == torch.float16 and cached_latent.shape == (4, SIZE // 4, SIZE // 4)
+        torch.testing.assert_close(cached_latent.float(), latents[i], rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(torch.from_numpy(decode_npy(stored[key][CLIP])).float(), clip[i], rtol=2e-3,
+                                   atol=2e-3)
+        with Image.open(io.BytesIO(stored[key][EFFNET_VIEW])) as view:  # lossless: the very pixels seen online
+            assert torch.equal(torch.from_numpy(np.asarray(view)).permute(2, 0, 1), views[i])
+
+    # with a frozen compressor the cache holds its latents instead of its views
+    frozen = tmp_path / "frozen"
+    cache_b(shards, chain, frozen, f"effnet_ckpt={chain['effnet'] / 'checkpoints' / 'last.ckpt'}")
+    assert all(set(v) == {STAGE_A, LATENT, CLIP, "txt", "json"} for v in samples(frozen / "train").values())
+
+
+def stage_b_run(shards: Path, chain: dict[str, Path], run_dir: Path, *overrides: str, steps: int = 12,
+                stage_a: Path | None = None, check: bool = True):
+    stage_a = stage_a or chain["a"] / "checkpoints" / "last.ckpt"
+    base = common(shards, run_dir, steps, every=steps)
+    if any(o.startswith("data.urls=") for o in overrides):  # a cache instead of the shards
+        base = [o for o in base if not o.startswith(("data.urls=", "data.val_urls="))]
+    return run("train.py", "experiment=demo_stage_b", *base, "data.batch_size=8",
+               "data.shuffle_buffer=16", f"stage_a_ckpt={stage_a}",
+               f"stage.effnet_init={chain['effnet'] / 'checkpoints' / 'last.ckpt'}", *overrides, check=check)
+
+
+def test_cached_stage_b_follows_the_online_run(cached_b: Path, shards: Path, chain: dict[str, Path],
+                                               tmp_path: Path) -> None:
+    """Same seed, same stream order (the cache keeps shard names and sample order), same draws of t, noise and
+    augmentation: the cached run's losses are the online run's up to float16 storage of latents and token states."""
+    stage_b_run(shards, chain, tmp_path / "online", *JOINT_COMPRESSOR)
+    result = stage_b_run(shards, chain, tmp_path / "cached", *JOINT_COMPRESSOR, "data=synthetic_cached",
+                         f"data.urls={cached_b / 'train'}", f"data.val_urls={cached_b / 'val'}")
+    online, cached = losses(tmp_path / "online"), losses(tmp_path / "cached")
+    assert len(online) == len(cached) == 12 and np.isfinite(cached).all()
+    np.testing.assert_allclose(cached, online, rtol=2e-2)
+    assert not np.allclose(online[:6], online[6:])  # the comparison is over changing losses, not a constant
+    assert (tmp_path / "cached" / "previews").is_dir() and "Error" not in output(result)
+
+
+def test_stage_b_cache_refuses_what_it_was_not_written_for(cached_b: Path, shards: Path, chain: dict[str, Path],
+                                                           tmp_path: Path) -> None:
+    frozen = tmp_path / "frozen_cache"
+    effnet = chain["effnet"] / "checkpoints" / "last.ckpt"
+    cache_b(shards, chain, frozen, f"effnet_ckpt={effnet}")
+    data = ["data=cached", f"data.urls={frozen / 'train'}", f"data.val_urls={frozen / 'val'}"]
+    # a frozen compressor's latents cannot train a compressor
+    refused = stage_b_run(shards, chain, tmp_path / "joint", *JOINT_COMPRESSOR, *data, check=False)
+    assert refused.returncode != 0 and "stage.freeze_effnet=true" in output(refused)
+    # the demo's frozen compressor trains from them
+    stage_b_run(shards, chain, tmp_path / "frozen", *data, "stage.freeze_effnet=true", steps=6)
+    assert np.isfinite(losses(tmp_path / "frozen")).all()
+    # another Stage A than the one that wrote the cache
+    other_a = run("train.py", "experiment=demo_stage_a", *common(shards, tmp_path / "a2", 1, every=1),
+                  "stage.stage_a.c_hidden=16", "data.batch_size=2")
+    assert other_a.returncode == 0
+    refused = stage_b_run(shards, chain, tmp_path / "other_a", *JOINT_COMPRESSOR, "data=cached",
+                          f"data.urls={cached_b / 'train'}", f"data.val_urls={cached_b / 'val'}",
+                          stage_a=tmp_path / "a2" / "checkpoints" / "last.ckpt", check=False)
+    assert refused.returncode != 0 and "another Stage A" in output(refused)
+    # Stage C needs the compressor's latents, which a joint Stage B cache does not hold
+    refused = run("train.py", "experiment=demo_stage_c", "data=cached", f"data.urls={cached_b / 'train'}",
+                  "data.val_urls=null", "data.num_workers=0", f"run_dir={tmp_path / 'c'}", "trainer.max_steps=2",
+                  f"stage_b_ckpt={chain['b'] / 'checkpoints' / 'last.ckpt'}", check=False)
+    assert refused.returncode != 0 and "latent.npy" in output(refused)

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 import torch
 from torch.utils.data import DataLoader
 
-from .cached import CachedStageCDataset
+from .cached import CachedDataset
 from .filters import LaionFilter
 from .pipeline import REJECT_REASONS, WebImageTextDataset
 from .shards import ShardSpec
@@ -76,8 +76,9 @@ class WebDataModule(L.LightningDataModule):
         val_batches: batches per rank in one validation pass (the shards repeat to reach it); None reads each
             validation shard once, which is only hang-free on a single rank.
         restart_index: the stream's restart counter (part of its seed).
-        cached: the shards are a cache written by ``scripts/cache_stage_c.py`` (Stage C's compressor latents and text
-            states; no image is decoded): batches hold ``latents``, ``clip`` and ``empty_clip`` instead of images.
+        cached: the shards are a cache written by ``scripts/cache_latents.py`` (frozen networks' outputs; the
+            transform ran when it was written): batches hold what the cache holds (``latents``, ``clip``,
+            ``stage_a_latents``, ``effnet_images``; see ``data.cached``) and ``empty_clip``.
         resume: what a checkpoint restores. ``exact``: the stream continues at the batch after the last trained one
             (the skipped part of the epoch is decoded once and dropped, at most ``batches_per_epoch`` batches per
             rank); ``restart``: the restart index goes up by one, a fresh stream still set by the seed, no skipping.
@@ -163,7 +164,7 @@ class WebDataModule(L.LightningDataModule):
     def _dataset(self, urls: ShardSpec, batch_size: int, transform: ImageTransform | None,
                  **kwargs: Any) -> WebImageTextDataset:
         if self.cached:  # the transform ran when the cache was written
-            return CachedStageCDataset(urls, batch_size, **kwargs)
+            return CachedDataset(urls, batch_size, **kwargs)
         return WebImageTextDataset(urls, batch_size, transform, **kwargs)
 
     def _loader(self, dataset: WebImageTextDataset, position: Callable[[], tuple[int, int, int]]) -> StreamLoader:

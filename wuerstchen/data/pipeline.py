@@ -43,7 +43,7 @@ REJECT_REASONS = (
     # LAION filter (filters.LaionFilter.reason)
     "missing_size", "too_small", "too_large", "missing_aesthetic", "low_aesthetic", "missing_punsafe", "unsafe",
     "missing_pwatermark", "watermark",
-    # cached Stage C inputs (data.cached.CachedStageCDataset)
+    # caches of frozen networks' outputs (data.cached.CachedDataset)
     "missing_cache", "bad_cache",
 )
 _PIL_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError)

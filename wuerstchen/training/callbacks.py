@@ -79,17 +79,34 @@ def batch_signature(batch: dict[str, Any]) -> str:
     return repr(tuple((k, tuple(v.shape)) for k, v in sorted(batch.items()) if torch.is_tensor(v)))
 
 
+def flop_counter() -> Any:
+    """``FlopCounterMode`` that also counts CPU attention: torch has formulas for the CUDA SDPA kernels and the math
+    path (as on the meta device), none for the CPU flash kernel, whose FLOPs would silently be left out."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    def forward(query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> int:  # shapes, as the mode passes
+        return sdpa_flop_count(query, key, value)
+
+    def backward(grad_out: Any, query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> int:
+        return sdpa_backward_flop_count(grad_out, query, key, value)
+
+    aten = torch.ops.aten
+    return FlopCounterMode(display=False, custom_mapping={aten._scaled_dot_product_flash_attention_for_cpu: forward,
+                                                          aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                                                          backward})
+
+
 class Throughput(L.Callback):
     """Logs ``train/samples_per_s`` (this rank's samples over the wall time between logged steps, times the world size)
     and, with FLOP counting on, ``train/tflops_per_s`` (per device) and ``train/mfu``.
 
-    FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` over the first training step of each new batch
-    shape: the whole step (frozen encoders' forward, the trained networks' forward and backward), so MFU is the
-    device's useful arithmetic against ``peak_tflops`` (default: the bf16 datasheet peak of the GPU, see
+    FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` (:func:`flop_counter`) over the first training
+    step of each new batch shape: the whole step (frozen encoders' forward, the trained networks' forward and backward),
+    so MFU is the device's useful arithmetic against ``peak_tflops`` (default: the bf16 datasheet peak of the GPU, see
     ``PEAK_BF16_TFLOPS``; on CPU give it, or MFU is not logged). The counted step runs slower and is left out of the
-    rates. Counting sees eager ops only: leave ``count_flops`` off with ``torch.compile``. Counting can route an op
-    to another kernel (attention), so the counts are checkpointed: a resumed run counts exactly the steps an
-    uninterrupted one does, and stays bitwise equal to it.
+    rates. Counting sees eager ops only: leave ``count_flops`` off with ``torch.compile``. Counting can route an op to
+    another kernel (attention), so the counts are checkpointed: a resumed run counts exactly the steps an uninterrupted
+    one does, and stays bitwise equal to it.
     """
 
     def __init__(self, count_flops: bool = True, peak_tflops: float | None = None) -> None:
@@ -114,9 +131,7 @@ class Throughput(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         if self.count_flops and batch_signature(batch) not in self._flops_per_sample:
-            from torch.utils.flop_counter import FlopCounterMode
-
-            self._counter = FlopCounterMode(display=False)
+            self._counter = flop_counter()
             self._counter.__enter__()
         if self._start is None:
             self._start = time.perf_counter()

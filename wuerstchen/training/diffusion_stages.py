@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..data.cached import CachedStageCDataset, check_cache_matches
+from ..data.cached import CLIP, LATENT, STAGE_A, CachedDataset, check_cache_matches
 from ..diffusion import add_noise, diffusion_loss, sample_t
 from ..models import SemanticCompressor, StageA, StageB, StageC
 from ..models.text_encoder import TextEncoder
@@ -174,7 +174,7 @@ class StageCModule(DiffusionStageModule):
                               self.effnet.from_prior(prior), batch["captions"], size, size, generator=generator)
 
     def inputs(self, batch: dict[str, Any], train: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if "latents" in batch:  # data=cached: the frozen encoders ran once, in scripts/cache_stage_c.py
+        if "latents" in batch:  # data=cached: the frozen encoders ran once, in scripts/cache_latents.py
             latents = self.effnet.to_prior(batch["latents"].float())
             self._log_latent_shape(latents, "cached")
             return latents, {"clip": self.cached_text(batch, drop=train)}
@@ -194,8 +194,9 @@ class StageCModule(DiffusionStageModule):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         dataset = getattr(self.trainer.datamodule, "train_set", None) if self.trainer is not None else None
-        if isinstance(dataset, CachedStageCDataset):
-            check_cache_matches(dataset.info, self.effnet, self.frozen.text_encoder, self.effnet_scale)
+        if isinstance(dataset, CachedDataset):
+            check_cache_matches(dataset.info, self.frozen.text_encoder, (LATENT, CLIP), effnet=self.effnet,
+                                effnet_scale=self.effnet_scale)
             self.effnet_scale = float(dataset.info["effnet_scale"])  # recorded in checkpoints, for sampling
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -269,10 +270,30 @@ class StageBModule(DiffusionStageModule):
     def sample(self, batch: dict[str, Any]) -> torch.Tensor:
         """Stage B's reconstruction of the batch from its own semantic latents (decoded by Stage A)."""
         generator = torch.Generator(self.device).manual_seed(0)
-        height, width = batch["images"].shape[-2:]
-        return sample_decoder(self.stage_b, self.stage_a, self.frozen.text_encoder,
-                              self.effnet(batch["effnet_images"]), batch["captions"], height, width,
-                              generator=generator)
+        height, width = self._image_size(batch)
+        return sample_decoder(self.stage_b, self.stage_a, self.frozen.text_encoder, self.semantic_latent(batch),
+                              batch["captions"], height, width, generator=generator)
+
+    def preview(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        out = super().preview(batch)
+        if "images" not in batch and "stage_a_latents" in batch:  # cached: show the target through Stage A
+            with torch.no_grad():
+                out = {"input": self.stage_a.decode(batch["stage_a_latents"].float()).clamp(0, 1), **out}
+        return out
+
+    @staticmethod
+    def _image_size(batch: dict[str, Any]) -> tuple[int, int]:
+        if "images" in batch:
+            return tuple(batch["images"].shape[-2:])
+        h, w = batch["stage_a_latents"].shape[-2:]
+        return 4 * h, 4 * w  # Stage A is f4
+
+    def semantic_latent(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The compressor's latent: cached from the frozen compressor, or computed (with gradients when it trains)."""
+        if "latents" in batch:
+            return batch["latents"].float()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self._freeze_effnet):
+            return self.effnet(batch["effnet_images"])  # (B, 16, h, w)
 
     def augment_effnet(self, latent: torch.Tensor) -> torch.Tensor:
         """Per-sample zeroing (p = effnet_drop_prob) or noising (p = effnet_noise_prob) of the semantic latent."""
@@ -286,10 +307,24 @@ class StageBModule(DiffusionStageModule):
         return latent * keep_mask[:, None, None, None]
 
     def inputs(self, batch: dict[str, Any], train: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        with torch.no_grad():
-            x0 = self.stage_a.encode(batch["images"])  # (B, 4, H/4, W/4), unquantised
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self._freeze_effnet):
-            effnet = self.effnet(batch["effnet_images"])  # (B, 16, h, w); gradients reach a compressor in training
+        if "stage_a_latents" in batch:  # data=cached: Stage A (and a frozen compressor) ran in scripts/cache_latents.py
+            x0 = batch["stage_a_latents"].float()
+        else:
+            with torch.no_grad():
+                x0 = self.stage_a.encode(batch["images"])  # (B, 4, H/4, W/4), unquantised
+        effnet = self.semantic_latent(batch)
         if train:
             effnet = self.augment_effnet(effnet)
-        return x0, {"effnet": effnet, "clip": self.encode_text(batch["captions"], drop=train)}
+        clip = self.cached_text(batch, drop=train) if "clip" in batch else self.encode_text(batch["captions"], train)
+        return x0, {"effnet": effnet, "clip": clip}
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        dataset = getattr(self.trainer.datamodule, "train_set", None) if self.trainer is not None else None
+        if isinstance(dataset, CachedDataset):
+            check_cache_matches(dataset.info, self.frozen.text_encoder, (STAGE_A, CLIP), effnet=self.effnet,
+                                effnet_key="stage.effnet_init", stage_a=self.stage_a)
+            if LATENT in dataset.info["arrays"] and not self._freeze_effnet:
+                raise ValueError("the cache holds a frozen compressor's latents, but this run trains the compressor: "
+                                 "set stage.freeze_effnet=true (with that stage.effnet_init), or cache without "
+                                 "effnet_ckpt to keep the compressor's input views")

@@ -85,19 +85,15 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
 
 # --------------------------------------------------------------------------------------------- non-finite steps
 def all_finite(tensors: Iterable[torch.Tensor | None], device: torch.device) -> bool:
-    """Whether every tensor is finite on every rank (one all-reduce; all ranks get the same answer)."""
-    local = torch.ones((), device=device)
-    for tensor in tensors:
-        if tensor is None:
-            continue
-        if isinstance(tensor, torch.distributed.tensor.DTensor):
-            tensor = tensor.to_local()
-        if not torch.isfinite(tensor).all():
-            local.zero_()
-            break
+    """Whether every tensor is finite on every rank: device-side checks (empty FSDP shards included), one all-reduce
+    and a single host sync, not one per tensor."""
+    local = [t.to_local() if isinstance(t, torch.distributed.tensor.DTensor) else t for t in tensors if t is not None]
+    finite = torch.ones((), device=device)
+    if local:
+        finite = torch.stack([torch.isfinite(t).all().to(device) for t in local]).all().to(torch.float32)
     if distributed_world() > 1:
-        dist.all_reduce(local, op=dist.ReduceOp.MIN)
-    return bool(local.item())
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
 
 
 class NonFiniteSteps:
