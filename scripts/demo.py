@@ -30,11 +30,12 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from sample import load_pipeline  # noqa: E402
+from sample import load_pipeline, text_encoder  # noqa: E402
 
 from wuerstchen.data import ImageTransform, WebImageTextDataset, to_model_inputs  # noqa: E402
-from wuerstchen.data.synthetic import score_batch, write_synthetic_shards  # noqa: E402
-from wuerstchen.weights import load_network  # noqa: E402
+from wuerstchen.data.synthetic import COLOURS, POSITIONS, score_batch, write_synthetic_shards  # noqa: E402
+from wuerstchen.pipeline import sample_prior  # noqa: E402
+from wuerstchen.weights import checkpoint_info, load_network  # noqa: E402
 
 # (run name, experiment): the compressor's contrastive pretraining stands in for its ImageNet weights
 STAGES = (("effnet", "demo_effnet"), ("stage_a", "demo_stage_a"), ("stage_b", "demo_stage_b"),
@@ -166,6 +167,48 @@ def score(images: torch.Tensor, samples: list[dict]) -> dict[str, float]:
     return out
 
 
+@torch.no_grad()
+def prior_probe(out: Path, data: Path, size: int, prompts: list[dict], stage_cs: dict[str, str],
+                train_samples: int = 1000) -> dict[str, dict[str, float]]:
+    """The prior alone, without Stage B: linear least-squares probes fitted on the compressor latents of ``size`` px
+    training images read colour and grid position; applied to the latents each Stage C samples for the held-out
+    captions (40 steps, CFG 2), and to the real latents of those images (the probes' own ceiling)."""
+    effnet, _ = load_network("effnet", ckpt(out, "stage_b"))
+    effnet.eval()
+    scale = checkpoint_info(ckpt(out, "stage_c"))["effnet_scale"]
+
+    def real(split: str, count: int) -> tuple[torch.Tensor, list[dict]]:
+        dataset = WebImageTextDataset(str(data / split), batch_size=count, resample=False, shuffle_buffer=0,
+                                      transform=ImageTransform(size, outputs=("effnet_images",), random_crop=False,
+                                                               effnet_scale=scale))
+        batch = to_model_inputs(next(iter(dataset)))
+        return effnet.to_prior(effnet(batch["effnet_images"])).flatten(1), [m["labels"] for m in batch["meta"]]
+
+    features, labels = real("train", train_samples)
+    mean, std = features.mean(0), features.std(0) + 1e-6
+
+    def design(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([(x - mean) / std, torch.ones(len(x), 1)], 1)
+
+    held, held_labels = real("val", len(prompts))
+    latents = {"real latents": held}
+    for name, run in stage_cs.items():
+        prior, _ = load_network("c", ckpt(out, run), prefer_ema=True)
+        encoder = text_encoder(None, str(ckpt(out, run)), "text_encoder").eval()
+        generator = torch.Generator().manual_seed(0)
+        latents[name] = sample_prior(prior.eval(), encoder, [p["caption"] for p in prompts], size, size, 40, 2.0,
+                                     generator, scale).flatten(1)
+    result: dict[str, dict[str, float]] = {}
+    for key, names in (("colour", list(COLOURS)), ("position", list(POSITIONS))):
+        target = torch.nn.functional.one_hot(torch.tensor([names.index(lab[key]) for lab in labels]), len(names))
+        weights = torch.linalg.lstsq(design(features), target.float()).solution
+        truth = torch.tensor([names.index(lab[key]) for lab in held_labels])
+        for name, x in latents.items():
+            accuracy = (design(x) @ weights).argmax(1).eq(truth).float().mean().item()
+            result.setdefault(name, {})[f"probe_{key}_accuracy"] = round(accuracy, 3)
+    return result
+
+
 def finetune(out: Path, data: Path, size: int, num_images: int) -> None:
     """Fine-tune the demo's Stage C at output side ``size`` (experiment=demo_stage_c_finetune) and score samples at that
     size from the prior before and after, through the same Stage B and A."""
@@ -185,6 +228,8 @@ def finetune(out: Path, data: Path, size: int, num_images: int) -> None:
         images = generate(out, prompts, size, stage_c=stage_c)
         summary[label] = score(images, prompts)
         captioned_grid(images[:32], [p["caption"] for p in prompts[:32]], out / f"samples_{size}_{label}.png")
+    # the decoder never trained at this size; the probes measure the prior alone
+    summary["prior_probe"] = prior_probe(out, data_new, size, prompts, {"before": "stage_c", "after": name})
     (out / f"summary_{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
     print("\n" + json.dumps(summary, indent=2))
 
