@@ -128,8 +128,8 @@ def stage_a_psnr(ckpt: Path, samples: list[dict]) -> dict[str, float]:
 def generate(out: Path, samples: list[dict], size: int, batch_size: int = 16, stage_c: str = "stage_c") -> torch.Tensor:
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.create({"stage_a_ckpt": None, "stage_b_ckpt": str(out / "stage_b" / "checkpoints" / "last.ckpt"),
-                            "stage_c_ckpt": str(out / stage_c / "checkpoints" / "last.ckpt"), "ema": True,
+    cfg = OmegaConf.create({"stage_a_ckpt": None, "stage_b_ckpt": str(ckpt(out, "stage_b")),
+                            "stage_c_ckpt": str(ckpt(out, stage_c)), "ema": True,
                             "text_encoder": None, "decoder_text_encoder": None, "effnet_scale": None})
     pipeline = load_pipeline(cfg, torch.device("cpu"))
     generator = torch.Generator().manual_seed(0)
@@ -220,8 +220,8 @@ def finetune(out: Path, data: Path, size: int, num_images: int) -> None:
     subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "experiment=demo_stage_c_finetune",
                     f"resolution={size}", f"run_dir={out / name}", f"data.urls={data_new / 'train'}",
                     f"data.val_urls={data_new / 'val'}",
-                    f"init_from={out / 'stage_c' / 'checkpoints' / 'last.ckpt'}",
-                    f"stage_b_ckpt={out / 'stage_b' / 'checkpoints' / 'last.ckpt'}"], check=True, cwd=ROOT)
+                    f"init_from={ckpt(out, 'stage_c')}",
+                    f"stage_b_ckpt={ckpt(out, 'stage_b')}"], check=True, cwd=ROOT)
     summary: dict = {"size": size, f"train_{name}_s": round(time.perf_counter() - start, 1)}
     prompts = held_out(data_new, size, num_images)
     for label, stage_c in (("before", "stage_c"), ("after", name)):
@@ -250,7 +250,7 @@ def main() -> None:
     make_data(args.data, args.size)
     summary: dict = train(args.out, args.data, args.fresh)
     samples = held_out(args.data, args.size, 256)
-    summary.update(stage_a_psnr(args.out / "stage_a" / "checkpoints" / "last.ckpt", samples))
+    summary.update(stage_a_psnr(ckpt(args.out, "stage_a"), samples))
     prompts = samples[: args.num_images]
     sample_start = time.perf_counter()
     images = generate(args.out, prompts, args.size)
