@@ -49,6 +49,11 @@ class DiffusionStageModule(StageModule):
             log.info("compressor BatchNorm layers: %d SyncBatchNorm, %d per-rank, world size %d", synced, plain,
                      self.trainer.world_size)
 
+    def cache_info(self) -> dict[str, Any] | None:
+        """``cache_info.json`` of the training cache (``data=cached``), or None when training reads images."""
+        dataset = getattr(self.trainer.datamodule, "train_set", None) if self.trainer is not None else None
+        return dataset.info if isinstance(dataset, CachedDataset) else None
+
     def dropped_captions(self, captions: list[str]) -> list[str]:
         """The captions with the dropped ones emptied, seeded by (run seed, rank, step): a resumed run drops the same
         captions as an uninterrupted one."""
@@ -193,11 +198,11 @@ class StageCModule(DiffusionStageModule):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        dataset = getattr(self.trainer.datamodule, "train_set", None) if self.trainer is not None else None
-        if isinstance(dataset, CachedDataset):
-            check_cache_matches(dataset.info, self.frozen.text_encoder, (LATENT, CLIP), effnet=self.effnet,
+        info = self.cache_info()
+        if info is not None:
+            check_cache_matches(info, self.frozen.text_encoder, (LATENT, CLIP), effnet=self.effnet,
                                 effnet_scale=self.effnet_scale)
-            self.effnet_scale = float(dataset.info["effnet_scale"])  # recorded in checkpoints, for sampling
+            self.effnet_scale = float(info["effnet_scale"])  # recorded in checkpoints, for sampling
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -320,11 +325,11 @@ class StageBModule(DiffusionStageModule):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        dataset = getattr(self.trainer.datamodule, "train_set", None) if self.trainer is not None else None
-        if isinstance(dataset, CachedDataset):
-            check_cache_matches(dataset.info, self.frozen.text_encoder, (STAGE_A, CLIP), effnet=self.effnet,
+        info = self.cache_info()
+        if info is not None:
+            check_cache_matches(info, self.frozen.text_encoder, (STAGE_A, CLIP), effnet=self.effnet,
                                 effnet_key="stage.effnet_init", stage_a=self.stage_a)
-            if LATENT in dataset.info["arrays"] and not self._freeze_effnet:
+            if LATENT in info["arrays"] and not self._freeze_effnet:
                 raise ValueError("the cache holds a frozen compressor's latents, but this run trains the compressor: "
                                  "set stage.freeze_effnet=true (with that stage.effnet_init), or cache without "
                                  "effnet_ckpt to keep the compressor's input views")
