@@ -3,23 +3,33 @@
 Common overrides: ``data.urls=...``, ``trainer.max_steps=N``, ``seed=N``, ``run_dir=DIR``, ``stage_a_ckpt=...``
 (Stage B), ``stage_b_ckpt=...`` (Stage C), ``init_from=...``, ``ckpt_path=...``, ``trainer=gpu``, ``logger=wandb``.
 
-Re-running the same command resumes: with ``resume=true`` (the default) and no ``ckpt_path``, training continues from
-the newest complete checkpoint in ``<run_dir>/checkpoints`` (model, EMA, optimizers, LR schedule, step, RNG states,
-data-stream position, and the wandb run).
+Re-running the same command resumes: with ``resume=true`` (the default), training continues from the newest complete
+checkpoint in ``<run_dir>/checkpoints`` (model, EMA, optimizers, LR schedule, step, RNG states, data-stream position,
+and the wandb run). ``ckpt_path=X`` is where the first attempt starts; requeued attempts and re-runs continue from
+the newest checkpoint descending from X (see ``wuerstchen/training/resume.py``).
+
+Exit status: 0 when the run reached its end or was stopped by a signal and requeued; 128 + the signal's number when
+a signal stopped it and nothing will continue it (outside SLURM, ``requeue: false``, or a failed ``scontrol
+requeue``): re-running the same command continues it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from wuerstchen.training.checkpointing import find_resume_checkpoint
+from wuerstchen.training.checkpointing import Checkpointing, find_resume_checkpoint
+from wuerstchen.training.preemption import Preemption
+from wuerstchen.training.resume import PLAN_ENV, ResumePlan, RunLock, agree_on_plan
 from wuerstchen.weights import checkpoint_info
 
 log = logging.getLogger(__name__)
@@ -35,26 +45,23 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError("set trainer.max_steps (or trainer.max_epochs): the training stream is endless")
 
 
-def resume_checkpoint(cfg: DictConfig) -> str | None:
-    """The checkpoint this run continues from: ``ckpt_path`` if given, else (``resume=true``) the run's newest."""
-    if cfg.ckpt_path:
-        if not Path(cfg.ckpt_path).exists():
-            raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist")
-        return str(cfg.ckpt_path)
-    found = find_resume_checkpoint(Path(cfg.run_dir) / "checkpoints")
-    if found is not None and not cfg.resume:
+def resume_plan(cfg: DictConfig, checkpointing: Checkpointing | None) -> ResumePlan:
+    """Where this attempt starts (rank 0 decides, the other ranks follow; see ``resume.agree_on_plan``)."""
+    dirpath = checkpointing.dirpath if checkpointing is not None else Path(cfg.run_dir) / "checkpoints"
+    if not cfg.ckpt_path and not cfg.resume and (found := find_resume_checkpoint(dirpath)) is not None:
         raise ValueError(f"run_dir={cfg.run_dir} already holds checkpoints ({found.name}); resume=true continues "
                          f"that run, or choose a new run_dir")
-    return str(found) if found is not None else None
+    lock = checkpointing.lock if checkpointing is not None else RunLock(dirpath)
+    return agree_on_plan(dirpath, str(cfg.ckpt_path) if cfg.ckpt_path else None, rank_zero_only.rank, lock)
 
 
-def build(cfg: DictConfig, ckpt_path: str | None = None) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer]:
+def build(cfg: DictConfig, callbacks: list[L.Callback], ckpt_path: str | None = None
+          ) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer]:
     datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.stage)
     if cfg.init_from and ckpt_path is None:  # a resumed run has its weights in the checkpoint
         module.init_from(cfg.init_from)
         log.info("initialised %s from %s", type(module.network).__name__, cfg.init_from)
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     logger_cfgs = dict(cfg.get("logger") or {})
     wandb_id = checkpoint_info(ckpt_path).get("wandb_run_id") if ckpt_path else None
     loggers = []
@@ -81,11 +88,24 @@ def main(cfg: DictConfig) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True  # the recipe's TF32 matmuls under bf16 autocast
         torch.backends.cudnn.allow_tf32 = True
     log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
-    ckpt_path = resume_checkpoint(cfg)
-    if ckpt_path is not None:
-        log.info("resuming from %s", ckpt_path)
-    module, datamodule, trainer = build(cfg, ckpt_path)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    checkpointing = next((c for c in callbacks if isinstance(c, Checkpointing)), None)
+    plan = resume_plan(cfg, checkpointing)
+    if plan.path is not None:
+        log.info("resuming from %s (%s)", plan.path, plan.reason)
+    if checkpointing is not None:
+        checkpointing.resume_from(plan)
+    module, datamodule, trainer = build(cfg, callbacks, plan.path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=plan.path)
+    finally:
+        os.environ.pop(PLAN_ENV, None)  # only for the ranks Lightning launched from this process
+    preemption = next((c for c in callbacks if isinstance(c, Preemption)), None)
+    if preemption is not None and preemption.unfinished:
+        signum = preemption.received or 0
+        log.error("stopped at step %d by a signal and NOT requeued: nothing will continue this run by itself; "
+                  "re-run the same command to resume it", preemption.stopped_at)
+        sys.exit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,25 @@ def test_resumed_run_matches_an_uninterrupted_one_bitwise(shards: Path, chain: d
     assert os.readlink(full / "checkpoints" / "last.ckpt") == "step=0000012.ckpt"
 
 
+@pytest.mark.parametrize("stage", ["a", "c"])
+def test_a_resume_at_an_epochs_last_batch_is_bitwise(shards: Path, chain: dict[str, Path], tmp_path: Path,
+                                                     stage: str) -> None:
+    """6 batches per epoch: the checkpoint of step 6 is written at the epoch's last batch, before the epoch's
+    validation pass, which the resumed run does not repeat."""
+    extra = [*stage_overrides(stage, chain), "data.batches_per_epoch=6", "data.val_batches=2"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run("train.py", *common(shards, full, STEPS, every=6), *extra)
+    run("train.py", *common(shards, resumed, STEPS // 2, every=6), *extra)
+    second = run("train.py", *common(shards, resumed, STEPS, every=6), *extra)
+    assert f"resuming from {resumed / 'checkpoints' / 'step=0000006.ckpt'}" in output(second)
+    expected, got = losses_by_step(full), losses_by_step(resumed)
+    assert sorted(expected) == list(range(STEPS)) and got == expected
+    assert losses_by_step(resumed, "val/loss") == losses_by_step(full, "val/loss") != {}
+    final_full, final_resumed = weights(full / "checkpoints" / "last.ckpt"), weights(resumed / "checkpoints" /
+                                                                                      "last.ckpt")
+    assert all(torch.equal(final_full[k], final_resumed[k]) for k in final_full)
+
+
 DYING_SAVE = """
 import os, runpy, signal, sys
 import lightning.fabric.plugins.io.torch_io as torch_io

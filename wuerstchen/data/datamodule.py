@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from collections import Counter
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import lightning as L
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.utilities import rank_zero_info
 import torch
 from torch.utils.data import DataLoader
@@ -28,6 +32,16 @@ def _plain(spec: Any) -> ShardSpec | None:
     return [str(s) for s in spec]
 
 
+def loader_worker_init(worker_id: int, rank: int = 0) -> None:
+    """``worker_init_fn`` of our loaders: Lightning's worker seeding (under ``seed_everything(workers=True)``), and
+    SIGUSR1 / SIGTERM ignored. Slurm signals every process of a job step; the workers must survive them so that the
+    training process (``training.preemption``) can finish its step, save and stop them itself."""
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        pl_worker_init_function(worker_id, rank)
+    for signum in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 class StreamLoader(DataLoader):
     """DataLoader that tells its stream which (restart index, epoch, batches to skip) a pass belongs to.
 
@@ -36,10 +50,11 @@ class StreamLoader(DataLoader):
     ``persistent_workers`` stays off), so setting the attributes just before is enough.
     """
 
-    def __init__(self, dataset: WebImageTextDataset, position: Callable[[], tuple[int, int, int]],
+    def __init__(self, dataset: WebImageTextDataset, position: Callable[[], tuple[int, int, int]], rank: int = 0,
                  **kwargs: Any) -> None:
         if kwargs.get("persistent_workers"):
             raise ValueError("persistent_workers would freeze the stream's epoch; leave it off")
+        kwargs.setdefault("worker_init_fn", partial(loader_worker_init, rank=rank))
         # worker base seeds from a private generator: iterating must not advance the global RNG that training
         # draws noise from, or a resumed run (which iterates once more) would diverge from an uninterrupted one
         kwargs.setdefault("generator", torch.Generator().manual_seed(0))
@@ -118,9 +133,9 @@ class WebDataModule(L.LightningDataModule):
         self._epoch = 0  # the training pass in progress and the batches it has handed to training
         self._epoch_batches = 0
         self._resume_at: tuple[int, int] | None = None  # (epoch, batches) restored from a checkpoint
+        self._started = False  # whether a training pass has started in this process
         self.data_stats: Counter[str] = Counter()  # training stream, cumulative over the run
         self.val_data_stats: Counter[str] = Counter()
-        self._pass_counts: Counter[str] = Counter()
         self.train_set: WebImageTextDataset | None = None
         self.val_set: WebImageTextDataset | None = None
 
@@ -169,7 +184,8 @@ class WebDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: WebImageTextDataset, position: Callable[[], tuple[int, int, int]]) -> StreamLoader:
         extra = {"prefetch_factor": self.prefetch_factor} if self.num_workers and self.prefetch_factor else {}
-        return StreamLoader(dataset, position, num_workers=self.num_workers, pin_memory=self.pin_memory, **extra)
+        return StreamLoader(dataset, position, rank=self._world()[0], num_workers=self.num_workers,
+                            pin_memory=self.pin_memory, **extra)
 
     def train_dataloader(self) -> StreamLoader:
         if self.train_set is None:
@@ -184,25 +200,28 @@ class WebDataModule(L.LightningDataModule):
         return self._loader(self.val_set, self._val_position)
 
     def _train_position(self) -> tuple[int, int, int]:
-        epoch = self.trainer.current_epoch if self.trainer is not None else self._passes("train")
-        skip = 0
+        """(restart index, epoch, batches to skip) of the training pass about to start.
+
+        The datamodule counts its passes itself (Lightning's ``current_epoch`` jumps by two after a resume from a
+        checkpoint at an epoch's last batch): a fresh run starts at pass 0, a resumed one continues the pass its
+        checkpoint was in after the batches already trained (an empty remainder for a checkpoint at the pass's last
+        batch), and every later ``iter()`` starts the next pass.
+        """
         if self._resume_at is not None:
-            resume_epoch, resume_batches = self._resume_at
+            epoch, skip = self._resume_at
             self._resume_at = None
-            if resume_epoch == epoch:  # else the checkpoint was taken at the end of that epoch
-                skip = resume_batches
-                if skip:
-                    rank_zero_info(f"data stream resumes epoch {epoch} after batch {skip} (skipping it on each rank)")
+            if skip:
+                rank_zero_info(f"data stream resumes epoch {epoch} after batch {skip} (skipping it on each rank)")
+        elif self._started:
+            epoch, skip = self._epoch + 1, 0
+        else:
+            epoch, skip = 0, 0
+        self._started = True
         self._epoch, self._epoch_batches = epoch, skip
         return self.restart_index, epoch, skip
 
     def _val_position(self) -> tuple[int, int, int]:
         return 0, 0, 0  # validation reads the same samples every time, so its metrics are comparable
-
-    def _passes(self, split: str) -> int:
-        """Pass counter for use without a trainer (each ``iter()`` is a new epoch)."""
-        self._pass_counts[split] += 1
-        return self._pass_counts[split] - 1
 
     # -- batches --------------------------------------------------------------------------------------------------
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:

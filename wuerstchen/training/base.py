@@ -8,12 +8,14 @@ from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ..weights import load_network, read_weights
 from ..weights.formats import shape_mismatches
+from .checkpointing import rng_states, set_rng_states
 from .distributed import FSDPStrategy, NonFiniteSteps
 from .ema import EMA
 from .optim import OptimizerFactory, SchedulerFactory, build_optimizer
@@ -132,6 +134,23 @@ class StageModule(L.LightningModule):
         self.setup_ema()
         if self.ema is not None:
             self.ema.to(self.device)
+
+    # Validation draws its noise and timesteps from a generator of its own, fixed per rank: every pass scores the
+    # same draws (comparable metrics), and training's random stream is the same whether or not a pass ran, which a
+    # bitwise resume needs (a run resumed from a checkpoint at an epoch's last batch skips that epoch's validation).
+    VALIDATION_SEED = 20230600
+
+    def on_validation_start(self) -> None:
+        self._training_rng = rng_states()
+        seed = self.VALIDATION_SEED + self.global_rank
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def on_validation_end(self) -> None:
+        if getattr(self, "_training_rng", None) is not None:
+            set_rng_states(self._training_rng)
+            self._training_rng = None
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)

@@ -1,14 +1,16 @@
-"""Checkpoints that survive preemption: atomic step checkpoints, a ``last`` link, pruning, resume discovery, RNG
-state, and a SLURM-aware preemption handler that saves at a step boundary and requeues the job.
+"""Checkpoints that survive preemption and crashes: atomic, fsynced step checkpoints, a ``last`` link, pruning that
+spares the live branch, RNG state, and the run directory's lock (where a run resumes from: ``resume.py``).
 
 Layout under ``<run_dir>/checkpoints``::
 
     step=0001000.ckpt      complete checkpoints (a file, or a folder when sharded)
     last.ckpt -> step=0001000.ckpt
     .step=0002000.ckpt.partial   a save in progress (or killed mid-way): never loaded, removed at the next start
+    lineage.json                 start points behind each checkpoint (resume.py)
+    .lock                        host, pid and SLURM job of the run writing here
 
-A checkpoint is written under its ``.partial`` name and renamed once every rank has finished writing, so a process
-killed mid-save leaves the previous checkpoint as the newest complete one.
+A checkpoint is written under its ``.partial`` name, fsynced, and renamed once every rank has finished writing, so a
+process or node killed mid-save leaves the previous checkpoint as the newest complete one.
 """
 
 from __future__ import annotations
@@ -18,8 +20,6 @@ import os
 import random
 import re
 import shutil
-import signal
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.loggers import WandbLogger
+
+from .resume import RunLock, ResumePlan, identity, read_lineages, write_lineages
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,24 @@ def _fsync_dir(path: Path) -> None:
         pass  # some filesystems refuse fsync on a directory; the rename is still atomic
     finally:
         os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush a checkpoint's file contents (every file of a folder) to stable storage before it is published."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for file in files:
+        try:
+            fd = os.open(file, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    if path.is_dir():
+        _fsync_dir(path)
 
 
 def rng_states() -> dict[str, Any]:
@@ -119,14 +139,49 @@ class Checkpointing(Checkpoint):
         self.keep_last = keep_last
         self.last_saved_step = -1
         self.last_path: Path | None = None
+        self.plan = ResumePlan(None)  # where this attempt started (scripts/train.py sets it)
+        self.lock = RunLock(self.dirpath)
+
+    def resume_from(self, plan: ResumePlan, lock: RunLock | None = None) -> None:
+        """Record where this attempt starts (its checkpoints get the plan's lineage, and pruning spares its start),
+        and the run directory's lock if the caller took it already."""
+        self.plan = plan
+        if lock is not None:
+            self.lock = lock
 
     # -- hooks ------------------------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if trainer.is_global_zero and self.dirpath.is_dir():
-            for stale in self.dirpath.glob(f".*{PARTIAL_SUFFIX}"):  # a save that never completed
-                log.warning("removing incomplete checkpoint %s", stale)
-                _remove(stale)
-        trainer.strategy.barrier("Checkpointing.setup")
+        error = None
+        if trainer.is_global_zero:
+            try:
+                self.lock.acquire()  # before touching anything: another job's .partial files are not ours to remove
+            except RuntimeError as exn:
+                error = str(exn)
+            else:
+                for stale in self.dirpath.glob(f".*{PARTIAL_SUFFIX}"):  # a save that never completed
+                    log.warning("removing incomplete checkpoint %s", stale)
+                    _remove(stale)
+        error = trainer.strategy.broadcast(error, src=0)
+        if error is not None:
+            raise RuntimeError(error)
+        chosen = trainer.strategy.broadcast(self.plan.path, src=0)
+        if chosen != self.plan.path:
+            raise RuntimeError(f"rank {trainer.global_rank} would resume from {self.plan.path} but rank 0 from {chosen}: "
+                               f"the ranks see different files in {self.dirpath} (a shared file system lagging?)")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.world_size == 1:
+            return
+        steps = trainer.strategy.all_gather(torch.tensor(trainer.global_step, device=pl_module.device))
+        if len(set(steps.flatten().tolist())) > 1:
+            raise RuntimeError(f"the ranks restored different steps {steps.flatten().tolist()} from "
+                               f"{self.plan.path}")
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.lock.release()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.lock.release()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -150,6 +205,7 @@ class Checkpointing(Checkpoint):
         wandb_id = next((lg.version for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
         if wandb_id is not None:
             checkpoint["wandb_run_id"] = wandb_id
+        checkpoint["lineage"] = list(self.plan.lineage)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
@@ -180,13 +236,16 @@ class Checkpointing(Checkpoint):
         trainer.strategy.barrier("Checkpointing.save_now:before")
         self.last_saved_step = step  # part of the checkpoint's own callback state
         trainer.save_checkpoint(partial)  # collective; returns once every rank has written its part
+        if partial.exists():
+            _fsync_tree(partial)  # every rank flushes what it wrote (the shards of a sharded checkpoint)
+        trainer.strategy.barrier("Checkpointing.save_now:written")
         if trainer.is_global_zero:
-            _fsync_dir(partial if partial.is_dir() else self.dirpath)
             _remove(final)  # re-saving a step (a resumed run that stopped at the same step)
             os.replace(partial, final)
             self._link_last(final)
             _fsync_dir(self.dirpath)
             self._prune()
+            self._record_lineage(final)
         trainer.strategy.barrier("Checkpointing.save_now:after")
         self.last_path = final
         log.info("saved checkpoint %s", final)
@@ -202,92 +261,17 @@ class Checkpointing(Checkpoint):
         os.replace(tmp, link)
 
     def _prune(self) -> None:
+        """Delete all but the newest ``keep_last``, never the checkpoint this attempt started from (if a newer one
+        proves unreadable, the resume falls back to it). Other branches were moved aside when the run started."""
         if self.keep_last is None:
             return
+        start = identity(self.plan.path) if self.plan.path else None
         for _, path in complete_checkpoints(self.dirpath)[: -self.keep_last]:
-            _remove(path)
+            if identity(path) != start:
+                _remove(path)
 
-
-class Preemption(L.Callback):
-    """Preemption and time limits: SIGUSR1 / SIGTERM set a flag, the next step boundary saves and (under SLURM)
-    requeues, and the run stops cleanly.
-
-    The handler itself only sets a flag (checkpointing inside it could deadlock collectives). Every
-    ``check_every_n_steps`` optimizer steps the ranks agree on the flag with one all-reduce (a single process just
-    reads it, every step), so all of them stop at the same step; rank 0 then runs
-    ``scontrol requeue $SLURM_JOB_ID`` (``requeue: true`` and inside a SLURM job). The requeued job runs the same
-    command, which resumes from the newest complete checkpoint in the run directory.
-    """
-
-    def __init__(self, signals: tuple[str, ...] = ("SIGUSR1", "SIGTERM"), requeue: bool = True,
-                 check_every_n_steps: int = 1) -> None:
-        if check_every_n_steps < 1:
-            raise ValueError(f"check_every_n_steps={check_every_n_steps} must be >= 1")
-        self.check_every_n_steps = check_every_n_steps
-        self.signals = tuple(getattr(signal, name) for name in signals)
-        self.requeue = requeue
-        self.received: int | None = None
-        self.stopping = False
-        self._previous: dict[int, Any] = {}
-        self._step = -1
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        self.received = signum  # only a flag: no I/O, no collectives
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # after Lightning registered its own handlers (its SIGTERM one ends the run with exit code 1)
-        for signum in self.signals:
-            self._previous[signum] = signal.getsignal(signum)
-            signal.signal(signum, self._handler)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
-        if not self.stopping:
-            return
-        # the last step's metrics reach the loggers after on_train_batch_end: flush them before `scontrol requeue`
-        # (which ends this job) so the log of the run has no hole at the preemption point
-        for logger in trainer.loggers:
-            logger.save()
-        if trainer.is_global_zero and self.requeue:
-            requeue_slurm_job()
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        step = trainer.global_step
-        if step == self._step:  # gradient accumulation: decide at optimizer steps only
-            return
-        self._step = step
-        if trainer.world_size == 1:
-            if self.received is None:
-                return
-        else:  # one small all-reduce (and a device sync) every check_every_n_steps, not every step
-            if step % self.check_every_n_steps:
-                return
-            flag = torch.tensor(float(self.received is not None), device=pl_module.device)
-            if trainer.strategy.reduce(flag, reduce_op="max").item() == 0:
-                return
-        what = signal.Signals(self.received).name if self.received is not None else "a signal on another rank"
-        log.warning("received %s: saving at step %d and stopping", what, trainer.global_step)
-        checkpointing = next((c for c in trainer.callbacks if isinstance(c, Checkpointing)), None)
-        if checkpointing is not None and checkpointing.last_saved_step != trainer.global_step:
-            checkpointing.save_now(trainer)
-        self.stopping = True
-        trainer.should_stop = True
-
-
-def requeue_slurm_job() -> bool:
-    """``scontrol requeue`` this SLURM job (array tasks included); False outside SLURM or on failure."""
-    job = os.environ.get("SLURM_JOB_ID")
-    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
-        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    if not job:
-        log.info("not inside a SLURM job: nothing to requeue")
-        return False
-    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-    if result.returncode:
-        log.error("scontrol requeue %s failed (%d): %s", job, result.returncode, result.stderr.strip())
-        return False
-    log.warning("requeued SLURM job %s", job)
-    return True
+    def _record_lineage(self, final: Path) -> None:
+        present = {p.name for _, p in complete_checkpoints(self.dirpath)}
+        lineages = {name: chain for name, chain in read_lineages(self.dirpath).items() if name in present}
+        lineages[final.name] = list(self.plan.lineage)
+        write_lineages(self.dirpath, lineages)

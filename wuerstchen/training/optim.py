@@ -26,9 +26,29 @@ class LinearWarmup:
         return max(0.0, (self.decay_until - step) / max(1, self.decay_until - self.warmup_steps))
 
 
+class WarmupLR(LambdaLR):
+    """``LambdaLR`` over :class:`LinearWarmup` whose shape always comes from the config, never from a checkpoint.
+
+    ``LambdaLR`` checkpoints its factor object's attributes and restores them over the new ones, so a finished run
+    resumed with a larger ``trainer.max_steps`` (``decay_until: ${trainer.max_steps}``) would keep the old end and
+    train on at LR 0. Only the position (``last_epoch``, base LRs) is restored; the factor is a pure function of it.
+    """
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state.pop("lr_lambdas", None)
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict({**state_dict, "lr_lambdas": [None] * len(self.lr_lambdas)})
+        # the restored optimizer holds the LR of the old schedule at this step; the next step must use the new one
+        for group, base_lr, factor in zip(self.optimizer.param_groups, self.base_lrs, self.lr_lambdas):
+            group["lr"] = base_lr * factor(self.last_epoch)
+
+
 def warmup_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int = 10_000,
                      decay_until: int | None = None) -> LambdaLR:
-    return LambdaLR(optimizer, LinearWarmup(warmup_steps, decay_until))
+    return WarmupLR(optimizer, LinearWarmup(warmup_steps, decay_until))
 
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]

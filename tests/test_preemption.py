@@ -1,0 +1,126 @@
+"""Preemption outside SLURM, as a job step sees it: the signal goes to the whole process group (training process,
+its two loader workers), at different moments; the run saves one complete checkpoint, exits with 128 + the signal
+(not requeued: nothing else will continue it), and re-running the same command finishes it with every step logged
+exactly once. The real-Slurm requeue paths are in test_slurm.py."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import ROOT, SIZE, losses_by_step, output, run
+
+from wuerstchen.training.checkpointing import complete_checkpoints
+
+STEPS = 40
+
+
+def overrides(shards: Path, run_dir: Path) -> list[str]:
+    return ["experiment=demo_stage_a", "stage.stage_a.c_hidden=16", "data.batch_size=4", f"data.image_size={SIZE}",
+            f"data.urls={shards / 'train'}", f"data.val_urls={shards / 'val'}", "data.num_workers=2",
+            "data.batches_per_epoch=6", "data.val_batches=2", f"trainer.max_steps={STEPS}",
+            "trainer.log_every_n_steps=1", "callbacks.checkpoint.every_n_steps=4", "callbacks.preview=null",
+            "callbacks.progress.refresh_rate=0", f"run_dir={run_dir}"]
+
+
+def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """scripts/train.py in a session of its own, so a signal can go to its whole process group (as Slurm's does)."""
+    return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+
+
+def wait_for_checkpoint(checkpoints: Path, step: int, process: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(s >= step for s, _ in complete_checkpoints(checkpoints)):
+        assert process.poll() is None, process.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, f"no checkpoint at step {step} after {timeout} s"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("signum,at_step", [(signal.SIGUSR1, 4), (signal.SIGTERM, 16)],
+                         ids=["usr1-first-epoch", "term-later-epoch"])
+def test_signal_to_the_process_group_saves_once_and_the_rerun_finishes(shards: Path, tmp_path: Path,
+                                                                       signum: signal.Signals, at_step: int) -> None:
+    run_dir = tmp_path / "run"
+    args = overrides(shards, run_dir)
+    process = start(args)
+    wait_for_checkpoint(run_dir / "checkpoints", at_step, process)
+    os.killpg(process.pid, signum)
+    log = process.communicate(timeout=240)[0]
+    assert process.returncode == 128 + signum, log[-3000:]
+    assert "Traceback" not in log and "killed by signal" not in log, log[-3000:]
+    stopped = int(log.split(f"received {signum.name}: saving at step ")[1].split()[0])
+    assert at_step <= stopped < STEPS
+    assert "NOT requeued" in log
+    assert complete_checkpoints(run_dir / "checkpoints")[-1][0] == stopped
+
+    again = run("train.py", *args)
+    assert f"resuming from {run_dir / 'checkpoints' / f'step={stopped:07d}.ckpt'}" in output(again)
+    assert sorted(losses_by_step(run_dir)) == list(range(STEPS))  # every step once over both runs
+    assert not (run_dir / "checkpoints" / ".lock").exists()
+
+
+SIGNAL_DURING = """
+import os, runpy, signal, sys, time
+where = os.environ["SIGNAL_DURING"]
+
+def send_once(*args, **kwargs):
+    if not os.environ.get("SIGNAL_SENT"):
+        os.environ["SIGNAL_SENT"] = "1"
+        os.killpg(os.getpgrp(), signal.SIGUSR1)  # the training process and its loader workers
+        time.sleep(0.5)
+
+if where == "validation":
+    from wuerstchen.training.stage_a import StageAModule
+    original_val = StageAModule.validation_step
+    def validation_step(self, *args, **kwargs):
+        send_once()
+        return original_val(self, *args, **kwargs)
+    StageAModule.validation_step = validation_step
+elif where == "save":
+    import lightning.fabric.plugins.io.torch_io as torch_io
+    original_save = torch_io._atomic_save
+    def dying_save(checkpoint, filepath):
+        if checkpoint["global_step"] >= 4:
+            send_once()
+        original_save(checkpoint, filepath)
+    torch_io._atomic_save = dying_save
+elif where == "setup":
+    from wuerstchen.data.datamodule import WebDataModule
+    original_loader = WebDataModule.train_dataloader
+    def train_dataloader(self):
+        send_once()
+        return original_loader(self)
+    WebDataModule.train_dataloader = train_dataloader
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("where", ["validation", "save", "setup"])
+def test_a_signal_at_an_awkward_moment_ends_the_same_way(shards: Path, tmp_path: Path, where: str) -> None:
+    run_dir = tmp_path / "run"
+    wrapper = tmp_path / "signal_during.py"
+    wrapper.write_text(SIGNAL_DURING)
+    args = overrides(shards, run_dir)
+    process = subprocess.run([sys.executable, str(wrapper), str(ROOT / "scripts" / "train.py"), *args], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300, start_new_session=True,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1", "SIGNAL_DURING": where})
+    log = output(process)
+    assert process.returncode == 128 + signal.SIGUSR1, log[-3000:]
+    assert "Traceback" not in log and "killed by signal" not in log, log[-3000:]
+    if where == "setup":  # nothing has trained yet: the run stops before its first step, with nothing to save
+        assert "received SIGUSR1 before the first step: stopping, nothing to save" in log
+        assert complete_checkpoints(run_dir / "checkpoints") == [] and "saved checkpoint" not in log
+    else:  # validation runs after step 6 (the epoch's end), the save is step 4's: both stop at the next step
+        stopped = int(log.split("received SIGUSR1: saving at step ")[1].split()[0])
+        assert stopped == {"validation": 7, "save": 5}[where], log[-3000:]
+        assert [step for step, _ in complete_checkpoints(run_dir / "checkpoints")] == [4, stopped]
+    again = run("train.py", *args)
+    assert sorted(losses_by_step(run_dir)) == list(range(STEPS)), output(again)[-2000:]
