@@ -104,6 +104,66 @@ def test_sync_batchnorm_over_two_gloo_ranks_equals_one_batchnorm_over_the_whole_
     torch.testing.assert_close(ranks[0]["b_grad"] + ranks[1]["b_grad"], bn.bias.grad, atol=1e-4, rtol=1e-5)
 
 
+def _spawn_two_gloo_ranks(fn, *args) -> None:
+    """Run ``fn(rank, world, port, *args)`` on two CPU processes joined by gloo."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(fn, args=(2, port, *args), nprocs=2)
+
+
+def _sync_bn_bf16_rank(rank: int, world: int, port: int, x: torch.Tensor, out: str) -> None:
+    import torch.distributed as dist
+
+    from wuerstchen.training.distributed import SyncBatchNorm
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    bn = SyncBatchNorm(x.shape[1], momentum=1.0)  # the running statistics become this batch's
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = bn(x.chunk(world)[rank])
+    torch.save({"y": y, "running_mean": bn.running_mean, "running_var": bn.running_var}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_sync_batchnorm_statistics_of_bf16_inputs_match_float64(tmp_path: Path) -> None:
+    """bf16 activations with a mean far above their spread: bf16 sums of x and x^2 would cancel to noise."""
+    gen = torch.Generator().manual_seed(0)
+    mean, std = torch.tensor([40.0, -100.0, 300.0]), torch.tensor([0.5, 1.0, 2.0])
+    x = (mean[None, :, None, None] + std[None, :, None, None] * torch.randn(8, 3, 16, 16, generator=gen)).bfloat16()
+    _spawn_two_gloo_ranks(_sync_bn_bf16_rank, x, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+    ref = x.double()  # the same bf16 values, statistics over the whole batch in float64
+    ref_mean, ref_var = ref.mean((0, 2, 3)), ref.var((0, 2, 3), correction=1)
+    ref_y = (ref - ref_mean[None, :, None, None]) / torch.sqrt(ref.var((0, 2, 3), correction=0) + 1e-5)[
+        None, :, None, None]
+    for r in ranks:
+        torch.testing.assert_close(r["running_mean"].double(), ref_mean, rtol=1e-6, atol=0)
+        torch.testing.assert_close(r["running_var"].double(), ref_var, rtol=1e-5, atol=0)
+    y = torch.cat([r["y"] for r in ranks])
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), ref_y, rtol=0, atol=0.02)  # bf16 rounding of values within a few std
+
+
+def test_convert_sync_batchnorm_follows_the_training_device_not_the_parameters() -> None:
+    from timm.layers import BatchNormAct2d
+
+    from wuerstchen.training.distributed import SyncBatchNorm, convert_sync_batchnorm
+
+    def net() -> torch.nn.Module:  # on the CPU, as when configure_model runs, before the strategy moves it
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), BatchNormAct2d(4))
+
+    on_cuda = convert_sync_batchnorm(net(), torch.device("cuda", 1))
+    assert all(isinstance(on_cuda[i], torch.nn.SyncBatchNorm) for i in (1, 2))
+    assert isinstance(on_cuda[2].act, torch.nn.ReLU)  # timm's converter keeps the activation
+    on_cpu = convert_sync_batchnorm(net(), "cpu")
+    assert all(type(on_cpu[i]) is SyncBatchNorm for i in (1, 2)) and isinstance(on_cpu[2].post[-1], torch.nn.ReLU)
+
+
 def test_nonfinite_gradients_skip_the_step_on_both_ranks_then_stop_the_run(shards: Path, chain: dict[str, Path],
                                                                            tmp_path: Path) -> None:
     # an absurd LR sends the weights to inf after the first step; every later step has NaN gradients

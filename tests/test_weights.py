@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 
 from test_models import TINY_B, TINY_C, randomise, tame_prior_output
 from wuerstchen.models import SemanticCompressor, StageA, StageB, StageC
-from wuerstchen.weights import (detect_stage, diffusers_to_released, load_network, read_weights,
-                                released_to_diffusers, save_diffusers, save_wuerstchen)
+from wuerstchen.weights import (checkpoint_info, detect_stage, diffusers_to_released, load_network, network_for,
+                                read_weights, released_to_diffusers, save_diffusers, save_wuerstchen)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_A = dict(levels=2, bottleneck_blocks=1, c_hidden=16, c_latent=4, codebook_size=8)
@@ -166,3 +166,181 @@ def test_hub_folders_naming_library_wuerstchen_resolve_the_diffusers_classes(tmp
     assert same_weights(loaded, prior)
     with pytest.raises(AttributeError):
         wuerstchen.NoSuchThing  # noqa: B018
+
+
+# ------------------------------------------------------------------------------- sharded folders, reads per file
+TINY_EFFNET = dict(c_latent=16, backbone="timm", timm_name="test_efficientnet", backbone_weights=None, affine=False)
+
+
+def _save_sharded_rank(rank: int, world: int, port: int, folder: str, reference: str) -> None:
+    """What Lightning's ModelParallelStrategy writes for a Stage C run with EMA: DCP shards of the FSDP2-sharded
+    network, its EMA copy (``ema_network``) and the optimizer state, plus ``meta.pt`` from rank 0."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    net, ema = randomise(StageC(**TINY_C)), randomise(StageC(**TINY_C), seed=3)  # the same on both ranks
+    config = net.config
+    for network in (net, ema):
+        fully_shard(network, mesh=mesh)
+    optimizer = torch.optim.AdamW(net.parameters())
+    for p in net.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    state = {"state_dict": {**{f"stage_c.{k}": v for k, v in net.state_dict().items()},
+                            **{f"ema_network.{k}": v for k, v in ema.state_dict().items()}},
+             "optimizer_0": get_optimizer_state_dict(net, optimizer)}
+    dcp.save(state, checkpoint_id=folder)
+    full = {k: v.full_tensor() for k, v in state["state_dict"].items()}  # collective: on every rank
+    if rank == 0:
+        torch.save({"pytorch-lightning_version": "2.6.6", "global_step": 1, "network_configs": {"stage_c": config},
+                    "ema_of": "stage_c"}, Path(folder) / "meta.pt")
+        torch.save(full, reference)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A sharded Stage C checkpoint folder written by two gloo ranks, and its full tensors."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    root = tmp_path_factory.mktemp("sharded")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_save_sharded_rank, args=(2, port, str(root / "step.ckpt"), str(root / "full.pt")), nprocs=2)
+    return root / "step.ckpt", torch.load(root / "full.pt", weights_only=True)
+
+
+def _under(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sharded_folder_reads_only_the_network_opened_once_without_a_temporary_copy(sharded, monkeypatch) -> None:
+    import tempfile
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from wuerstchen.weights import formats
+
+    folder, full = sharded
+    formats.clear_cache()
+    read_keys: list[str] = []
+    read_data = FileSystemReader.read_data
+
+    def recording_read_data(self, plan, planner):
+        read_keys.extend(item.dest_index.fqn for item in plan.items)
+        return read_data(self, plan, planner)
+
+    opened = []
+    read_metadata = formats.read_dcp_metadata
+    monkeypatch.setattr(FileSystemReader, "read_data", recording_read_data)
+    monkeypatch.setattr(formats, "read_dcp_metadata", lambda path: opened.append(path) or read_metadata(path))
+    made_dirs = []  # a consolidated copy (dcp_to_torch_save) would go to a temporary directory
+    mkdtemp = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: made_dirs.append(1) or mkdtemp(*a, **k))
+
+    network, config = load_network("c", folder)  # EMA by default
+    assert config == dict(TINY_C, dropout=0.1) and _equal(network.state_dict(), _under(full, "ema_network."))
+    ema_keys = {f"state_dict.ema_network.{k}" for k in network.state_dict()}
+    assert set(read_keys) == ema_keys  # every chunk of the EMA tensors, no optimizer state, not the raw network
+    raw, _ = load_network("c", folder, prefer_ema=False)
+    assert _equal(raw.state_dict(), _under(full, "stage_c."))
+    assert not any(k.startswith("optimizer_") for k in read_keys)
+    read_keys.clear()
+    network_for("c", folder)  # only shapes: no shard is read
+    assert read_keys == []
+    consolidated = formats.consolidate_checkpoint(folder)
+    assert _equal(consolidated["state_dict"], {k: v for k, v in full.items() if k.startswith("stage_c.")})
+    assert _equal(consolidated["ema"]["stage_c"], _under(full, "ema_network."))
+    assert consolidated["global_step"] == 1 and "optimizer_states" not in consolidated
+    assert checkpoint_info(folder)["ema_of"] == "stage_c"
+    assert len(opened) == 1  # one metadata read for all of the above
+    assert made_dirs == []
+
+
+class RunsCode:
+    """Unpickling this runs a shell command: what a planted checkpoint file could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_sharded_folder_with_code_in_its_metadata_or_shards_is_refused(sharded, tmp_path: Path) -> None:
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+
+    from wuerstchen.weights import formats
+
+    folder = tmp_path / "planted.ckpt"
+    shutil.copytree(sharded[0], folder)
+    payload = pickle.dumps(RunsCode(tmp_path / "ran_plain"))
+    pickle.loads(payload)  # the payload does run when unpickled plainly
+    assert (tmp_path / "ran_plain").exists()
+    (folder / ".metadata").write_bytes(pickle.dumps(RunsCode(tmp_path / "ran")))
+    for load in (lambda: load_network("c", folder), lambda: formats.consolidate_checkpoint(folder)):
+        with pytest.raises(ValueError, match=r"\.metadata: refusing to load.*(os|posix)\.system"):
+            load()
+    assert not (tmp_path / "ran").exists()
+
+    # a non-tensor entry among the network's is a pickle in the shards, which DCP reads with full unpickling
+    planted = tmp_path / "bytes.ckpt"
+    dcp.save({"state_dict": {"stage_c.evil": RunsCode(tmp_path / "ran"),
+                             **{f"stage_c.{k}": v for k, v in StageC(**TINY_C).state_dict().items()}}},
+             checkpoint_id=planted, no_dist=True)
+    torch.save({"pytorch-lightning_version": "2.6.6"}, planted / "meta.pt")
+    with pytest.raises(ValueError, match=r"\['state_dict.stage_c.evil'\] are not tensors; refusing"):
+        load_network("c", planted)
+    assert not (tmp_path / "ran").exists()
+
+
+def test_one_checkpoint_file_is_read_once_for_all_its_networks(tmp_path: Path, monkeypatch) -> None:
+    from wuerstchen.weights import formats
+
+    def checkpoint(seed: int) -> dict:
+        nets = {"stage_b": randomise(StageB(**TINY_B), seed), "stage_a": randomise(StageA(**TINY_A), seed),
+                "effnet": SemanticCompressor(**TINY_EFFNET)}
+        return {"pytorch-lightning_version": "2.6.6", "global_step": seed, "network_configs": {
+                    k: v.config for k, v in nets.items() if hasattr(v, "config")},
+                "state_dict": {f"{name}.{k}": v for name, net in nets.items() for k, v in net.state_dict().items()}}
+
+    ckpt = tmp_path / "stage_b.ckpt"
+    first = checkpoint(1)
+    torch.save(first, ckpt)
+    formats.clear_cache()
+    loads = []
+    torch_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a[0]) or torch_load(*a, **k))
+    # what a Stage C run does with its stage_b_ckpt: the compressor, Stage B and Stage A, and the checkpoint info
+    for stage, attribute in (("effnet", "effnet"), ("b", "stage_b"), ("a", "stage_a")):
+        network, _ = load_network(stage, ckpt, prefer_ema=False)
+        assert _equal(network.state_dict(), _under(first["state_dict"], f"{attribute}."))
+    assert checkpoint_info(ckpt)["global_step"] == 1
+    assert len(loads) == 1
+    state, _ = read_weights(ckpt, "a")
+    state.clear()  # what a caller does with its state dict leaves the cached checkpoint alone
+    assert _equal(read_weights(ckpt, "a")[0], _under(first["state_dict"], "stage_a."))
+    assert len(loads) == 1
+
+    second = checkpoint(2)
+    torch.save(second, ckpt)  # a new checkpoint under the same name is read again
+    network, _ = load_network("a", ckpt)
+    assert _equal(network.state_dict(), _under(second["state_dict"], "stage_a.")) and len(loads) == 2

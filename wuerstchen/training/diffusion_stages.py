@@ -266,10 +266,11 @@ class StageBModule(DiffusionStageModule):
 
     def configure_model(self) -> None:
         """Distributed: the compressor's BatchNorm layers normalise with statistics over all ranks' batches, set up
-        before the strategy wraps or shards the model (CPU/gloo too: see ``distributed.SyncBatchNorm``)."""
+        before the strategy wraps or shards the model (CPU/gloo too: see ``distributed.SyncBatchNorm``). Which kind
+        follows the device the strategy trains on: the module may not have been moved there yet."""
         if self.sync_batchnorm and distributed_world() > 1 and not getattr(self, "_synced", False):
             self._synced = True
-            convert_sync_batchnorm(self.effnet)
+            convert_sync_batchnorm(self.effnet, self.trainer.strategy.root_device)
         super().configure_model()
 
     def sample(self, batch: dict[str, Any]) -> torch.Tensor:

@@ -27,44 +27,69 @@ def distributed_world() -> int:
 
 
 class SyncBatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics are summed over all ranks, on any backend (gloo on CPU included).
+    """BatchNorm2d whose training statistics are those of all ranks' batches together, on any backend (gloo on CPU
+    included).
 
-    torch's ``nn.SyncBatchNorm`` only runs on GPUs; this one all-reduces the per-channel sum, sum of squares and count
-    with a differentiable all-reduce, so gradients flow through the global statistics exactly as in a single-process
-    run over the concatenated batch. Parameter and buffer names are BatchNorm2d's, so checkpoints do not change.
+    torch's ``nn.SyncBatchNorm`` only runs on GPUs. Here each rank computes its count, mean and sum of squared
+    deviations per channel in float32 (under bf16 autocast too: bf16 sums of x and x^2 cancel to noise when the mean
+    is large next to the spread), one differentiable all-reduce gathers every rank's, and they combine as in Chan et
+    al. 1979, "Updating formulae and a pairwise algorithm for computing sample variances" (no E[x^2] - E[x]^2).
+    Gradients flow through the global statistics exactly as in a single-process run over the concatenated batch.
+    Parameter and buffer names are BatchNorm2d's, so checkpoints do not change.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or distributed_world() == 1:
             y = super().forward(x)
             return self.post(y) if hasattr(self, "post") else y
-        channels = x.shape[1]
-        stats = torch.cat([x.sum((0, 2, 3)), x.square().sum((0, 2, 3)),
-                           x.new_full((1,), x.numel() / channels)])
-        stats = differentiable_all_reduce(stats.float())
-        count = stats[-1]
-        mean = stats[:channels] / count
-        var = (stats[channels:2 * channels] / count - mean.square()).clamp(min=0)
+        x32 = x.float()  # the statistics and the normalisation in float32, whatever the input dtype
+        mean, var, count = global_batch_stats(x32)  # (C,), (C,), ()
         if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), momentum)
-                unbiased = var.detach() * count / (count - 1).clamp(min=1)
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
-        y = (x - mean.to(x.dtype)[None, :, None, None]) * torch.rsqrt(var + self.eps).to(x.dtype)[None, :, None, None]
+            self._update_running_stats(mean.detach(), var.detach(), count)
+        y = (x32 - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
         if self.affine:
             y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        y = y.to(x.dtype)
         return self.post(y) if hasattr(self, "post") else y
 
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
+        self.num_batches_tracked.add_(1)
+        momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+        unbiased = var * count / (count - 1).clamp(min=1)
+        self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
 
-def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+
+def global_batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel (mean, biased variance) of ``x`` (B, C, H, W) over every rank's batch, and the element count.
+
+    Each rank fills its own row of a (world, 2C + 1) table with (count, count * mean, sum of squared deviations)
+    and one differentiable all-reduce sums the tables: an all-gather whose backward gloo can run. Chan et al.'s pairwise
+    update: M2 = sum_r M2_r + sum_r n_r (mean_r - mean)^2, whose terms are all non-negative.
+    """
+    world, rank, channels = dist.get_world_size(), dist.get_rank(), x.shape[1]
+    n = x.new_tensor(float(x.numel() // channels))
+    var_r, mean_r = torch.var_mean(x, dim=(0, 2, 3), correction=0)  # (C,) each, two-pass: no cancellation
+    row = torch.cat([n[None], n * mean_r, n * var_r])  # (2C + 1,)
+    table = torch.zeros(world, 2 * channels + 1, dtype=x.dtype, device=x.device)
+    table = differentiable_all_reduce(table.index_copy(0, torch.tensor([rank], device=x.device), row[None]))
+    counts, means = table[:, :1], table[:, 1:channels + 1] / table[:, :1].clamp(min=1)  # (world, 1), (world, C)
+    count = counts.sum()
+    mean = (counts * means).sum(0) / count
+    m2 = table[:, channels + 1:].sum(0) + (counts * (means - mean).square()).sum(0)
+    return mean, m2 / count, count
+
+
+def convert_sync_batchnorm(module: nn.Module, device: torch.device | str) -> nn.Module:
     """Every BatchNorm2d in ``module`` (timm's BatchNormAct2d included) normalises over all ranks' batches.
 
-    On CUDA this is timm's converter (torch's fused ``nn.SyncBatchNorm``, keeping timm's activation); elsewhere
-    :class:`SyncBatchNorm`, with a BatchNormAct2d's dropout and activation applied after it.
+    ``device``: where the strategy trains (``trainer.strategy.root_device``), which may differ from where the
+    parameters are when this runs (before the strategy moves the module). On CUDA this is timm's converter (torch's
+    fused ``nn.SyncBatchNorm``, keeping timm's activation); elsewhere :class:`SyncBatchNorm`, with a BatchNormAct2d's
+    dropout and activation applied after it.
     """
-    if any(p.is_cuda for p in module.parameters()):
+    if torch.device(device).type == "cuda":
         from timm.layers import convert_sync_batchnorm as timm_convert
 
         return timm_convert(module)
@@ -79,7 +104,7 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
             sync.train(child.training)
             setattr(module, name, sync)
         else:
-            convert_sync_batchnorm(child)
+            convert_sync_batchnorm(child, device)
     return module
 
 

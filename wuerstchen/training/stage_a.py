@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from ..models import PatchDiscriminator, StageA
 from ..models.stage_a import codebook_usage
 from .base import StageModule
-from .distributed import NonFiniteSteps
+from .distributed import NonFiniteSteps, distributed_world
 from .optim import OptimizerFactory, SchedulerFactory, build_optimizer
 from .perceptual import LPIPS
 
@@ -22,6 +23,21 @@ def adaptive_gan_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_lay
     rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
     return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
+
+
+def summed_over_ranks(counts: torch.Tensor) -> torch.Tensor:
+    """``counts`` summed over every rank, in place, on each rank's own device (a no-op on one process)."""
+    if distributed_world() > 1:
+        dist.all_reduce(counts)
+    return counts
+
+
+def from_rank0(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's ``tensor`` on every rank, in place. A tensor broadcast, not Lightning's ``strategy.broadcast``: that
+    pickles the object, and a CUDA tensor unpickles onto rank 0's GPU on every rank."""
+    if distributed_world() > 1:
+        dist.broadcast(tensor, src=0)
+    return tensor
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
@@ -41,9 +57,10 @@ class StageAModule(StageModule):
         disc_start: generator step from which the adversarial loss and discriminator updates run.
         disc_weight: factor on the adaptive GAN weight.
         grad_clip: max gradient norm of both networks (manual optimisation clips here, not in the Trainer).
-        codebook_restart_every: every this many steps, codes unused since the last check are moved onto encoder
-            outputs of the current batch, and the codebook starts from encoder outputs instead of its tiny uniform
-            init (0 turns both off). Without it most of a large codebook stays dead for a long time.
+        codebook_restart_every: every this many steps, codes that no rank used since the last check are moved onto
+            encoder outputs of the current batch (rank 0's, on every rank), and the codebook starts from encoder
+            outputs instead of its tiny uniform init (0 turns both off). Without it most of a large codebook stays
+            dead for a long time.
         quantize_prob: per sample, the probability that the decoder trains on the quantised latent (1: always,
             the official recipe); the rest decode the unquantised latent, which is what generation decodes (Stage B
             outputs continuous latents), so short runs reconstruct that path far better.
@@ -71,7 +88,9 @@ class StageAModule(StageModule):
             raise ValueError(f"stage.latent_noise={latent_noise}: expected >= 0")
         self.latent_noise = latent_noise
         codebook_size = stage_a.vquantizer.codebook.num_embeddings
-        # uses of each code since the last restart; -1 marks a codebook not yet initialised from data
+        # uses of each code since the last restart, summed over all ranks (so every rank holds the same counts, DDP's
+        # per-step broadcast of rank 0's buffers changes nothing, and a checkpoint holds every rank's uses);
+        # -1 marks a codebook not yet initialised from data
         self.register_buffer("code_uses", torch.full((codebook_size,), -1, dtype=torch.long))
         if reconstruction not in ("l1", "l2"):
             raise ValueError(f"stage.reconstruction={reconstruction!r}: expected 'l1' or 'l2'")
@@ -93,7 +112,7 @@ class StageAModule(StageModule):
     def generator_losses(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         latents = self.stage_a.encode(images)
         quantized = self.stage_a.quantize(latents)
-        self.code_uses += torch.bincount(quantized.indices.flatten(), minlength=len(self.code_uses))
+        self.code_uses += summed_over_ranks(torch.bincount(quantized.indices.flatten(), minlength=len(self.code_uses)))
         decoded = quantized.latents
         if self.quantize_prob < 1.0:  # per sample: some decode the unquantised latent, as generation does
             keep = torch.rand(len(images), device=images.device) < self.quantize_prob
@@ -120,15 +139,20 @@ class StageAModule(StageModule):
 
     @torch.no_grad()
     def refresh_codebook(self, images: torch.Tensor) -> None:
-        """Data-dependent codebook init, then periodic restarts of dead codes (same on every rank)."""
-        codebook = self.stage_a.vquantizer.codebook.weight
-        z = (self.stage_a.encode(images) * self.stage_a.scale_factor).permute(0, 2, 3, 1).reshape(-1, codebook.shape[1])
-        uses = self.trainer.strategy.reduce(self.code_uses.float(), reduce_op="sum")  # the same decision on all ranks
-        dead = torch.ones_like(self.code_uses, dtype=torch.bool) if self.code_uses[0] < 0 else uses == 0
-        if dead.any():
-            picks = z[torch.randint(len(z), (int(dead.sum()),), device=z.device)]
+        """Data-dependent codebook init, then periodic restarts of the codes no rank used since the last restart.
+
+        Every rank takes the same decision (``code_uses`` holds all ranks' counts) and writes rank 0's replacements,
+        so the ranks keep one codebook.
+        """
+        codebook = self.stage_a.vquantizer.codebook.weight  # (K, C)
+        z = (self.stage_a.encode(images) * self.stage_a.scale_factor).float()  # (B, C, h, w), raw; fp32 under autocast
+        z = z.permute(0, 2, 3, 1).reshape(-1, codebook.shape[1])  # (B*h*w, C)
+        dead = torch.ones_like(self.code_uses, dtype=torch.bool) if self.code_uses[0] < 0 else self.code_uses == 0
+        num_dead = int(dead.sum())  # the same on every rank
+        if num_dead:
+            picks = z[torch.randint(len(z), (num_dead,), device=z.device)]  # (num_dead, C)
             picks = picks + 0.01 * z.std() * torch.randn_like(picks)  # identical picks would stay identical
-            codebook[dead] = self.trainer.strategy.broadcast(picks, src=0)
+            codebook[dead] = from_rank0(picks).to(codebook.dtype)
         self.code_uses.zero_()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:

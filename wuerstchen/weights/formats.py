@@ -8,14 +8,22 @@ Sources, detected from the path:
   weights under ``ema[<stage attribute>]`` (preferred), network configs under ``network_configs[<attribute>]``.
 
 Pickles are only ever read with ``torch.load(weights_only=True)``; a file that needs arbitrary unpickling is refused.
+A sharded (FSDP) checkpoint folder's ``.metadata`` pickle is read by an unpickler that admits only the classes torch
+distributed checkpoint's metadata is made of, and only the network tensors asked for are read from its shards.
+Each pickled file (and each sharded folder's metadata) is read once per process while it is unchanged.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib
 import json
 import os
+import pickle
+import warnings
 import zipfile
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +93,44 @@ def torch_load(path: str | os.PathLike, mmap: bool = False) -> Any:
         raise
 
 
+class ReadOnce:
+    """Checkpoints read once per process: ``read(path)`` is kept under the resolved path while the stamp of the files
+    behind it (mtime and size) is unchanged; a new checkpoint under the same name replaces the old entry. Only the
+    ``max_entries`` most recently used are kept."""
+
+    def __init__(self, read: Callable[[Path], Any], files: Callable[[Path], list[Path]],
+                 max_entries: int = 4) -> None:
+        self.read, self.files, self.max_entries = read, files, max_entries
+        self.entries: OrderedDict[Path, tuple[tuple[int, ...], Any]] = OrderedDict()
+
+    def __call__(self, path: str | os.PathLike) -> Any:
+        path = Path(path).resolve()
+        stamp = tuple(n for stat in map(os.stat, self.files(path)) for n in (stat.st_mtime_ns, stat.st_size))
+        if path in self.entries and self.entries[path][0] == stamp:
+            self.entries.move_to_end(path)
+            return self.entries[path][1]
+        self.entries.pop(path, None)
+        value = self.read(path)
+        self.entries[path] = (stamp, value)
+        while len(self.entries) > self.max_entries:
+            self.entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+# memory-mapped (torch's zip format): an entry holds the pickle's structure, its tensors stay on disk until touched
+_PICKLED = ReadOnce(lambda path: torch_load(path, mmap=True), lambda path: [path])
+
+
+def read_pickled(path: str | os.PathLike) -> Any:
+    """:func:`torch_load` (memory-mapped) of a pickled checkpoint, read once per process while the file is unchanged:
+    a Stage C run takes the compressor, Stage B and Stage A from one Stage B checkpoint. The result is shared by every
+    read: its tensors must not be changed in place (``load_state_dict`` copies them)."""
+    return _PICKLED(path)
+
+
 def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
@@ -142,30 +188,152 @@ def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
     return path.is_dir() and (path / ".metadata").is_file() and (path / "meta.pt").is_file()
 
 
+def _dcp_metadata_classes() -> frozenset[tuple[str, str]]:
+    """The globals a torch distributed checkpoint ``.metadata`` pickle refers to: DCP's metadata dataclasses, the
+    shard file index, tensor sizes, dtypes and layouts, the checkpoint's path."""
+    metadata = ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+                "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
+    dtypes = [name for name in dir(torch) if isinstance(getattr(torch, name), torch.dtype)]
+    return frozenset([("torch.distributed.checkpoint.metadata", name) for name in metadata]
+                     + [("torch", name) for name in ("Size", *dtypes)]
+                     + [("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+                        ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")]
+                     + [(module, cls) for module in ("pathlib", "pathlib._local")
+                        for cls in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")])
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    allowed = _dcp_metadata_classes()
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of torch distributed checkpoint metadata")
+        return super().find_class(module, name)
+
+
+def read_dcp_metadata(folder: Path) -> Any:
+    """``folder/.metadata`` (a torch distributed checkpoint ``Metadata``) without running code: a pickle naming any
+    other class is refused, as is a shard file outside the folder."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    file = folder / ".metadata"
+    try:
+        with open(file, "rb") as f:
+            metadata = _DCPMetadataUnpickler(f).load()
+    except (pickle.UnpicklingError, AttributeError, EOFError, TypeError, ValueError) as exn:
+        raise ValueError(f"{file}: refusing to load, not a plain torch distributed checkpoint metadata file "
+                         f"({exn}); loading it would need arbitrary unpickling, which could run code") from exn
+    if not isinstance(metadata, Metadata):
+        raise ValueError(f"{file}: holds a {type(metadata).__name__}, not torch distributed checkpoint Metadata")
+    for info in (metadata.storage_data or {}).values():
+        if Path(info.relative_path).name != info.relative_path:
+            raise ValueError(f"{file}: names shard file {info.relative_path!r} outside the checkpoint folder")
+    return metadata
+
+
+class ShardedCheckpoint:
+    """One sharded (FSDP) training checkpoint folder, opened once: the DCP metadata and ``meta.pt`` (step counters,
+    network configs, ``ema_of``); :meth:`tensors` reads chosen entries from the shards, nothing else.
+
+    DCP keys are Lightning's: ``state_dict.<module attribute>.<parameter>`` (the EMA copy is ``ema_network``, of the
+    network ``meta["ema_of"]`` names), ``optimizer_<i>.*``; the optimizer states are never read here.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.metadata = read_dcp_metadata(folder)
+        self.meta: dict[str, Any] = read_pickled(folder / "meta.pt")
+
+    def tensors(self, prefix: str, values: bool = True) -> StateDict:
+        """The entries under ``prefix`` (stripped), full size on the CPU (``values=False``: meta-device tensors of
+        the right shapes, nothing read). Loaded by DCP on this process alone (no collective) into tensors allocated
+        from the metadata's sizes and dtypes."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        entries = {k: m for k, m in self.metadata.state_dict_metadata.items() if k.startswith(prefix)}
+        pickled = sorted(k for k, m in entries.items() if not isinstance(m, TensorStorageMetadata))
+        if pickled:  # DCP stores non-tensors as pickles that only arbitrary unpickling reads
+            raise ValueError(f"{self.folder}: {pickled[:3]} are not tensors; refusing to unpickle them")
+        device = "cpu" if values else "meta"
+        state = {k: torch.empty(m.size, dtype=m.properties.dtype, device=device) for k, m in entries.items()}
+        if values and state:
+            with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+                warnings.filterwarnings("ignore", message=".*load in a single process")
+                dcp.load(state, storage_reader=_safe_reader_class()(self.folder, self.metadata), no_dist=True)
+        return {k[len(prefix):]: v for k, v in state.items()}
+
+
+@functools.cache
+def _safe_reader_class() -> type:
+    """DCP's file reader given already vetted metadata instead of running its own ``pickle.load`` (built on first use:
+    importing torch.distributed.checkpoint takes most of a second)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def __init__(self, folder: Path, metadata: Any) -> None:
+            super().__init__(folder)
+            self.vetted_metadata = metadata
+
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            metadata = copy.copy(self.vetted_metadata)
+            metadata.storage_meta = copy.copy(metadata.storage_meta) or StorageMeta()
+            metadata.storage_meta.load_id = self.load_id  # as FileSystemReader.read_metadata does
+            return metadata
+
+    return SafeReader
+
+
+_SHARDED = ReadOnce(ShardedCheckpoint, lambda folder: [folder / ".metadata", folder / "meta.pt"])
+
+
+def open_sharded(path: str | os.PathLike) -> ShardedCheckpoint:
+    """The :class:`ShardedCheckpoint` of a folder, opened once per process while it is unchanged."""
+    return _SHARDED(path)
+
+
+def clear_cache() -> None:
+    """Forget every checkpoint read so far (the next read of each goes to disk again)."""
+    _PICKLED.clear()
+    _SHARDED.clear()
+
+
+_META_SKIPPED = ("state_dict", "optimizer_states", "lr_schedulers", "loops", "callbacks")
+
+
 def consolidate_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """A sharded (FSDP) training checkpoint folder as one single-file checkpoint dict, in memory, on one process.
 
     Gives our usual layout: ``state_dict`` (full tensors, the EMA copy moved out of it), ``ema[attr]``,
-    ``network_configs``, ``text_encoders`` and the step counters; the optimizer states stay behind (resume from the
-    folder itself, on any number of ranks).
+    ``network_configs``, ``text_encoders`` and the step counters; the optimizer states stay behind, unread (resume
+    from the folder itself, on any number of ranks).
     """
-    import tempfile
-
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    path = Path(path)
-    meta = torch_load(path / "meta.pt")
-    with tempfile.TemporaryDirectory() as tmp:
-        dcp_to_torch_save(path, Path(tmp) / "full.pt")
-        full = torch_load(Path(tmp) / "full.pt")
-    state = dict(full["state_dict"])
-    out = {k: v for k, v in meta.items() if k not in ("state_dict", "optimizer_states", "lr_schedulers",
-                                                      "loops", "callbacks")}
+    checkpoint = open_sharded(path)
+    state = checkpoint.tensors("state_dict.")
+    out = {k: copy.deepcopy(v) for k, v in checkpoint.meta.items() if k not in _META_SKIPPED}
     ema = {k[len("ema_network."):]: state.pop(k) for k in list(state) if k.startswith("ema_network.")}
     if ema:
-        out["ema"] = {meta.get("ema_of", "network"): ema}
+        out["ema"] = {checkpoint.meta.get("ema_of", "network"): ema}
     out["state_dict"] = state
     return out
+
+
+def _from_sharded(path: Path, stage: str, prefer_ema: bool, values: bool) -> tuple[StateDict, dict | None]:
+    """The network's tensors (EMA preferred, when the folder's EMA is of this network) and config from a sharded
+    folder; only those tensors are read."""
+    spec = _spec(stage)
+    checkpoint = open_sharded(path)
+    config = copy.deepcopy((checkpoint.meta.get("network_configs") or {}).get(spec.attribute))
+    if prefer_ema and checkpoint.meta.get("ema_of") == spec.attribute:
+        ema = checkpoint.tensors("state_dict.ema_network.", values)
+        if ema:
+            return ema, config
+    state = checkpoint.tensors(f"state_dict.{spec.attribute}.", values)
+    if not state:
+        raise KeyError(f"{path}: sharded training checkpoint holds no 'state_dict.{spec.attribute}.*' weights for "
+                       f"stage {stage}")
+    return state, config
 
 
 def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
@@ -175,20 +343,26 @@ def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
     file = path / "meta.pt" if is_sharded_checkpoint(path) else path
     if not file.is_file() or file.suffix == ".safetensors":
         return {}
-    loaded = torch_load(file, mmap=True)
+    loaded = read_pickled(file)
     if not isinstance(loaded, dict) or "pytorch-lightning_version" not in loaded:
         return {}
-    return {k: v for k, v in loaded.items() if k not in ("state_dict", "ema", "optimizer_states", "lr_schedulers")}
+    # copies: the loaded checkpoint is shared with later reads of the file
+    return {k: copy.deepcopy(v) for k, v in loaded.items()
+            if k not in ("state_dict", "ema", "optimizer_states", "lr_schedulers")}
 
 
 def read_weights(path: str | os.PathLike, stage: str, prefer_ema: bool = True,
                  mmap: bool = False) -> tuple[StateDict, dict | None]:
     """(state dict in our layout, config or None) from any supported source; checks that it is ``stage``.
-    ``mmap``: tensors of pickled files stay on disk until touched (enough to read shapes)."""
+
+    ``mmap``: only the shapes are needed (sharded folders then give meta-device tensors and read no shard). Pickled
+    files are read once per process (:func:`read_pickled`) and memory-mapped: the tensors of a ``.pt``/``.ckpt`` are
+    shared with later reads of that file, so copy them (``load_state_dict`` does) before changing them in place.
+    """
     path = Path(path)
     config: dict[str, Any] | None = None
     if is_sharded_checkpoint(path):
-        state, config = _from_checkpoint(consolidate_checkpoint(path), stage, str(path), prefer_ema)
+        state, config = _from_sharded(path, stage, prefer_ema, values=not mmap)
     elif path.is_dir():
         state, diffusers_config = _read_diffusers_folder(path)
         config = _config_from_diffusers(stage, diffusers_config)
@@ -199,10 +373,11 @@ def read_weights(path: str | os.PathLike, stage: str, prefer_ema: bool = True,
         if "wuerstchen_config" in metadata:
             config = json.loads(metadata["wuerstchen_config"])
     elif path.exists():
-        loaded = torch_load(path, mmap=mmap)
+        loaded = read_pickled(path)
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a dict of tensors or a checkpoint dict, got {type(loaded).__name__}")
         state, config = _from_checkpoint(loaded, stage, str(path), prefer_ema)
+        state, config = dict(state), copy.deepcopy(config)  # the cached checkpoint's own dicts stay untouched
     else:
         raise FileNotFoundError(f"no weights at {path}")
     state = strip_prefixes(state)
