@@ -50,9 +50,9 @@ def test_ddp_codebook_restarts_sum_uses_over_ranks_and_keep_one_codebook(shards:
         f"stage.stage_a.codebook_size={CODES}", f"stage.codebook_restart_every={RESTART_EVERY}",
         f"data.batch_size={BATCH}", "data.num_workers=2", "data.batches_per_epoch=5", "callbacks.preview=null",
         "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
-        # the discriminator starts inside the run; before it, its parameters get no gradient in the generator's
-        # backward, which DDP only accepts when told to look for unused parameters
-        "stage.disc_start=3", "trainer.strategy.find_unused_parameters=true",
+        # the discriminator starts inside the run (the experiment's ddp_find_unused_parameters lets DDP accept the
+        # discriminator's parameters getting no gradient in the generator's backward)
+        "stage.disc_start=3",
         "+callbacks.record._target_=test_stage_a_ddp.RankRecord", f"+callbacks.record.out={tmp_path / 'ranks'}")
     ranks = [torch.load(tmp_path / "ranks" / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == STEPS
