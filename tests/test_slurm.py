@@ -1,6 +1,8 @@
 """A real one-node Slurm cluster on localhost (Debian's slurmctld, slurmd and munge): the project's own sbatch template
-trains a tiny Stage A, is preempted with SIGUSR1, requeues itself, resumes from its checkpoint and finishes with
-every step logged exactly once in one run directory.
+trains a tiny Stage A with two loader workers and is preempted with SIGUSR1, which Slurm delivers to every process
+of the job step (the training process, its loader workers) at an awkward moment: in the first epoch, during
+validation, during a checkpoint save, before the first step, and in a ``ckpt_path=`` run. Each job requeues itself,
+resumes and finishes COMPLETED with exit code 0 and every step logged exactly once in one run directory.
 
 Needs root and the Debian packages ``slurmctld slurmd munge`` (``.ci/run`` installs them); skipped otherwise.
 """
@@ -15,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -110,50 +113,149 @@ def job_field(env: dict[str, str], job: str, field: str) -> str:
     return match.group(1) if match else ""
 
 
-def test_sbatch_template_requeues_on_preemption_and_resumes(slurm: dict[str, str], shards: Path,
-                                                           tmp_path: Path) -> None:
-    steps = 200
-    runs = tmp_path / "runs"
-    env = {**slurm, "WUERSTCHEN_PYTHON": sys.executable, "WUERSTCHEN_REPO": str(ROOT),
-           "WUERSTCHEN_RUNS": str(runs), "HF_HUB_OFFLINE": "1"}
+# Slurm's own signal from inside the job at the moment named by SIGNAL_AT, in the first attempt only: a wrapper around
+# scripts/train.py, run by the sbatch template as its WUERSTCHEN_PYTHON.
+INJECT = """
+import os, runpy, subprocess, sys, time
+where = os.environ.get("SIGNAL_AT", "")
+first_attempt = os.environ.get("SLURM_RESTART_COUNT", "0") == "0"
+
+def preempt():
+    if first_attempt and not os.environ.get("SIGNAL_SENT"):
+        os.environ["SIGNAL_SENT"] = "1"
+        subprocess.run(["scancel", "--signal=USR1", os.environ["SLURM_JOB_ID"]], check=True)
+        time.sleep(3)  # the signal lands while this phase is still running
+
+def before(cls, name, condition=lambda *a: True):
+    original = getattr(cls, name)
+    def wrapped(*args, **kwargs):
+        if condition(*args):
+            preempt()
+        return original(*args, **kwargs)
+    setattr(cls, name, wrapped)
+
+if where == "validation":
+    from wuerstchen.training.stage_a import StageAModule
+    before(StageAModule, "validation_step")
+elif where == "save":
+    import lightning.fabric.plugins.io.torch_io as torch_io
+    original_save = torch_io._atomic_save
+    def save(checkpoint, filepath):
+        if checkpoint["global_step"] >= 8:
+            preempt()
+        original_save(checkpoint, filepath)
+    torch_io._atomic_save = save
+elif where == "setup":
+    from wuerstchen.data.datamodule import WebDataModule
+    before(WebDataModule, "train_dataloader")
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@dataclass
+class Job:
+    name: str
+    steps: int
+    overrides: list[str]
+    signal_at: str = ""             # an INJECT moment, or "" for `scancel --signal=USR1` from outside
+    signal_after: int = 0           # outside signal: once a checkpoint at this step exists
+    first_step: int = 0             # steps before this one were trained before the job (ckpt_path=...)
+    id: str = ""
+    signalled: bool = False
+    released: bool = False
+    expect: dict = field(default_factory=dict)
+
+
+def submit(env: dict[str, str], tmp_path: Path, job: Job, shards: Path) -> None:
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {tmp_path / 'inject.py'} \"$@\"\n")
+    wrapper.chmod(0o755)
+    (tmp_path / "inject.py").write_text(INJECT)
+    overrides = ["experiment=demo_stage_a", "stage.stage_a.c_hidden=16", f"data.image_size={SIZE}",
+                 f"data.urls={shards / 'train'}", f"data.val_urls={shards / 'val'}", "data.val_batches=2",
+                 "data.num_workers=2", f"trainer.max_steps={job.steps}", "trainer.log_every_n_steps=1",
+                 "callbacks.checkpoint.every_n_steps=4", "callbacks.checkpoint.keep_last=null",
+                 "callbacks.preview=null", "callbacks.progress.refresh_rate=0", *job.overrides]
     # CPU-only cluster: the template's GPU, task and CPU requests are overridden on the command line
     submitted = subprocess.run(
-        ["sbatch", "--parsable", "--job-name=shapes", "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=0",
-         "--mem=0", "--time=30", str(ROOT / "slurm" / "train.sbatch"),
-         "experiment=demo_stage_a", "stage.stage_a.c_hidden=16", "data.batch_size=4", f"data.image_size={SIZE}",
-         f"data.urls={shards / 'train'}", "data.val_urls=null", "data.num_workers=0", "data.batches_per_epoch=50",
-         f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1", "callbacks.checkpoint.every_n_steps=10",
-         "callbacks.checkpoint.keep_last=null", "callbacks.preview=null", "callbacks.progress.refresh_rate=0"],
-        env=env, cwd=tmp_path, capture_output=True, text=True)
+        ["sbatch", "--parsable", f"--job-name={job.name}", "--ntasks-per-node=1", "--cpus-per-task=1",
+         "--gpus-per-node=0", "--mem=0", "--time=30", str(ROOT / "slurm" / "train.sbatch"), *overrides],
+        env={**env, "WUERSTCHEN_PYTHON": str(wrapper), "SIGNAL_AT": job.signal_at}, cwd=tmp_path,
+        capture_output=True, text=True)
     assert submitted.returncode == 0, submitted.stderr
-    job = submitted.stdout.strip().split(";")[0]
-    run_dir = runs / f"shapes-{job}"
-    checkpoints = run_dir / "checkpoints"
-    output = tmp_path / f"shapes-{job}.out"
+    job.id = submitted.stdout.strip().split(";")[0]
+
+
+def drive(env: dict[str, str], jobs: list[Job], runs: Path, tmp_path: Path, timeout: float = 900) -> None:
+    """Signal, release after the requeue, and wait until every job has ended."""
+    deadline = time.monotonic() + timeout
+    pending = list(jobs)
+    while pending:
+        assert time.monotonic() < deadline, {j.name: job_field(env, j.id, "JobState") for j in pending}
+        for job in list(pending):
+            state = job_field(env, job.id, "JobState")
+            checkpoints = runs / f"{job.name}-{job.id}" / "checkpoints"
+            if not job.signal_at and not job.signalled and state == "RUNNING" and any(
+                    step >= job.signal_after for step, _ in complete_checkpoints(checkpoints)):
+                # what `--signal=USR1@N` does near the time limit: SIGUSR1 to every process of the job's steps
+                subprocess.run(["scancel", "--signal=USR1", job.id], env=env, check=True)
+                job.signalled = True
+            if state == "PENDING" and job_field(env, job.id, "Restarts") not in ("", "0") and not job.released:
+                # slurmd refuses a relaunch whose credential is from the same second as the requeue's revocation
+                # ("Job credential revoked"); Slurm's own requeue delay avoids that, skipping it must too
+                time.sleep(2)
+                subprocess.run(["scontrol", "update", f"JobId={job.id}", "StartTime=now"], env=env, check=True)
+                job.released = True
+            if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+                pending.remove(job)
+        time.sleep(0.5)
+
+
+def test_sbatch_template_requeues_on_preemption_at_awkward_moments(slurm: dict[str, str], shards: Path,
+                                                                   chain: dict[str, Path], tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    env = {**slurm, "WUERSTCHEN_REPO": str(ROOT), "WUERSTCHEN_RUNS": str(runs), "HF_HUB_OFFLINE": "1"}
+    tiny = ["data.batch_size=4", "data.batches_per_epoch=6"]
+    start = chain["a"] / "checkpoints" / "last.ckpt"  # step 60 of the session's tiny Stage A (conftest.chain)
+    from_ckpt = ["data.batch_size=8", "stage.disc_start=40", "data.batches_per_epoch=20", f"ckpt_path={start}"]
+    jobs = [
+        Job("first-epoch", 80, ["data.batch_size=4", "data.batches_per_epoch=50"], signal_after=12),
+        Job("validation", 30, tiny, signal_at="validation"),
+        Job("save", 30, tiny, signal_at="save"),
+        Job("setup", 20, tiny, signal_at="setup"),
+        Job("ckpt-path", 100, from_ckpt, signal_after=68, first_step=60),
+    ]
+    for job in jobs:
+        submit(env, tmp_path, job, shards)
     try:
-        wait_for(lambda: any(step >= 20 for step, _ in complete_checkpoints(checkpoints)), 300,
-                 f"job {job} to reach step 20 ({output.read_text()[-3000:] if output.exists() else 'no output'})")
-        # what `--signal=USR1@N` does near the time limit: SIGUSR1 to every task of the job's steps
-        subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True)
-        wait_for(lambda: job_field(env, job, "Restarts") not in ("", "0") and
-                 job_field(env, job, "JobState") == "PENDING", 120, f"job {job} to requeue")
-        # slurmd refuses a relaunch whose credential is from the same second as the requeue's revocation
-        # ("Job credential revoked"); Slurm's own requeue delay avoids that, skipping it must too
-        time.sleep(2)
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
-        wait_for(lambda: job_field(env, job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 400,
-                 f"job {job} to finish")
+        drive(env, jobs, runs, tmp_path)
     finally:
-        subprocess.run(["scancel", job], env=env)
-    log = output.read_text()
-    assert job_field(env, job, "JobState") == "COMPLETED", log[-4000:]
-    assert job_field(env, job, "Restarts") == "1"
-    assert "attempt 1" in log and "attempt 2" in log
-    preempted_at = int(re.search(r"received SIGUSR1: saving at step (\d+)", log).group(1))
-    assert 20 <= preempted_at < steps
-    assert f"resuming from {checkpoints / f'step={preempted_at:07d}.ckpt'}" in log
-    assert "requeued SLURM job" in log
-    # one run directory, every step trained and logged exactly once across both attempts
-    assert sorted(losses_by_step(run_dir)) == list(range(steps))
-    assert len(list((run_dir / "csv").glob("version_*"))) == 2
-    assert complete_checkpoints(checkpoints)[-1][0] == steps
+        for job in jobs:
+            subprocess.run(["scancel", job.id], env=env)
+    for job in jobs:
+        run_dir = runs / f"{job.name}-{job.id}"
+        log = (tmp_path / f"{job.name}-{job.id}.out").read_text()
+        checkpoints = run_dir / "checkpoints"
+        assert job_field(env, job.id, "JobState") == "COMPLETED", (job.name, log[-4000:])
+        assert job_field(env, job.id, "ExitCode") == "0:0", (job.name, log[-4000:])
+        assert job_field(env, job.id, "Restarts") == "1", job.name
+        assert "attempt 1" in log and "attempt 2" in log and "requeued SLURM job" in log, job.name
+        assert "Traceback" not in log and "killed by signal" not in log, (job.name, log[-4000:])
+        # one run directory, every step trained and logged exactly once across both attempts
+        assert sorted(losses_by_step(run_dir)) == list(range(job.first_step, job.steps)), job.name
+        assert complete_checkpoints(checkpoints)[-1][0] == job.steps
+        if job.name == "setup":  # stopped before its first step: nothing to save, the second attempt starts afresh
+            assert "before the first step: stopping, nothing to save" in log and "resuming from" not in log
+            continue
+        stopped = int(re.search(r"received SIGUSR1: saving at step (\d+)", log).group(1))
+        resumed = f"resuming from {checkpoints / f'step={stopped:07d}.ckpt'}"
+        assert resumed in log, (job.name, log[-4000:])
+        if job.name == "ckpt-path":  # the first attempt started from ckpt_path, the requeued one from its own newest
+            assert f"resuming from {start} (ckpt_path=" in log
+            assert "(the newest checkpoint descending from ckpt_path=" in log.split(resumed)[1][:200]
+            assert 68 <= stopped < job.steps
+        elif job.name == "first-epoch":
+            assert 12 <= stopped < 50
+        else:  # validation after step 6 and the save of step 8 both stop at the following step
+            assert stopped == {"validation": 7, "save": 9}[job.name], (job.name, log[-3000:])
