@@ -11,8 +11,10 @@ training crop and the token states, plus either a frozen compressor's latent (``
 view as a lossless PNG. Arrays are float16 (``dtype``); the caption and the source's metadata are kept. Format:
 ``wuerstchen/data/cached.py``.
 
-Every source shard becomes ``OUT/<same name>.tar``, plus ``OUT/empty_caption.npy`` for caption dropout and
-``OUT/cache_info.json``; ``val_out=DIR`` caches ``data.val_urls`` the same way. Shards are split over ranks (shard i
+Every source shard becomes ``OUT/<same name>.tar`` (a name another source took gets a hash of its URL added), plus
+``OUT/empty_caption.npy`` for caption dropout and ``OUT/cache_info.json``; ``val_out=DIR`` caches ``data.val_urls`` the
+same way. More sources can be added to an ``OUT`` later, with the same networks, text encoder and view scale: a folder
+written with others is refused, naming the key that differs. Shards are split over ranks (shard i
 on rank i mod world size) and decoded by ``num_workers`` loader processes, whole shards each. A shard is written to
 ``.partial`` and renamed when complete, so re-running the command skips finished shards and redoes interrupted ones.
 Views are centre crops of each sample's aspect bucket (training from the cache sees the same crop every epoch).
@@ -41,7 +43,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from wuerstchen.data import ImageTransform, WebImageTextDataset, expand_shard_spec, to_model_inputs
 from wuerstchen.data.cached import (CLIP, EFFNET_VIEW, EMPTY_CAPTION, INFO, LATENT, STAGE_A, encode_npy, encode_png,
-                                    fingerprint)
+                                    fingerprint, prepare_cache_info)
+from wuerstchen.data.pipeline import ERROR_PREFIX
 from wuerstchen.training.base import load_frozen
 
 log = logging.getLogger(__name__)
@@ -120,7 +123,8 @@ class Encoders:
         self.stage_a = self.effnet = None
         if self.stage == "b":
             self.stage_a = load_frozen("a", cfg.stage_a_ckpt, "stage_a_ckpt").to(device)
-            self.info.update(stage_a_ckpt=str(cfg.stage_a_ckpt), stage_a_sha1=fingerprint(self.stage_a))
+            self.info.update(stage_a_ckpt=str(cfg.stage_a_ckpt), stage_a_sha1=fingerprint(self.stage_a),
+                             stage_a_config=self.stage_a.config)
             self.info["arrays"][STAGE_A] = "Stage A encoder latent of the crop, unquantised (4, H/4, W/4)"
         effnet_ckpt = cfg.stage_b_ckpt if self.stage == "c" else cfg.effnet_ckpt
         if self.stage == "c" or effnet_ckpt:
@@ -180,14 +184,15 @@ def cache_split(cfg: DictConfig, encoders: Encoders, urls: Any, out: Path, rank:
     out.mkdir(parents=True, exist_ok=True)
     data = cfg.data
     source = urls if isinstance(urls, str) else OmegaConf.to_container(urls)
+    shards = list(dict.fromkeys(expand_shard_spec(source)))  # a shard named twice is cached once
+    info = prepare_cache_info(out, {"source": source, **encoders.info}, shards)  # every rank refuses a mismatch
+    names = {url: name for name, url in info["shards"].items()}
     if rank == 0:
         write_atomic(out / EMPTY_CAPTION, encode_npy(encoders.empty_caption()))
-        info = {"source": source, **encoders.info}
         write_atomic(out / INFO, (json.dumps(info, indent=1) + "\n").encode())
 
-    shards = expand_shard_spec(source)
     mine = [u for i, u in enumerate(shards) if i % world_size == rank]
-    todo = [u for u in mine if not (out / _shard_name(u)).exists()]
+    todo = [u for u in mine if not (out / names[u]).exists()]
     log.info("rank %d/%d: %d of %d shards to cache into %s (%d done before)", rank, world_size, len(todo), len(mine),
              out, len(mine) - len(todo))
     transform = ImageTransform(int(data.image_size), outputs=encoders.outputs, ratios=list(data.ratios),
@@ -203,12 +208,12 @@ def cache_split(cfg: DictConfig, encoders: Encoders, urls: Any, out: Path, rank:
     start = time.perf_counter()
     for url, batch in loader:
         if batch is None:  # the shard is complete
-            writer = writers.pop(url, None) or ShardWriter(out / _shard_name(url))
+            writer = writers.pop(url, None) or ShardWriter(out / names[url])
             writer.close()
             log.info("%s: %d samples", writer.dst.name, writer.count)
             continue
         if url not in writers:
-            writers[url] = ShardWriter(out / _shard_name(url))
+            writers[url] = ShardWriter(out / names[url])
         writer = writers[url]
         totals.update(batch.pop("data_stats", {}))
         batch["views"] = batch["effnet_images"]  # uint8, before to_model_inputs normalises the compressor's input
@@ -216,14 +221,9 @@ def cache_split(cfg: DictConfig, encoders: Encoders, urls: Any, out: Path, rank:
         for key, files in zip(batch["keys"], encoders(batch)):
             writer.add(key, files)
     seconds = time.perf_counter() - start
-    rejected = {k: v for k, v in totals.items() if k != "accepted"}
+    rejected = {k: v for k, v in totals.items() if k != "accepted" and not k.startswith(ERROR_PREFIX)}
     print(f"rank {rank}: cached {totals['accepted']} samples from {len(todo)} shards into {out} in {seconds:.1f} s "
           f"({totals['accepted'] / max(seconds, 1e-9):.1f} samples/s); rejected {sum(rejected.values())} {rejected}")
-
-
-def _shard_name(url: str) -> str:
-    name = Path(url.split("::")[-1].rstrip(" -")).name
-    return name if name.endswith(".tar") else name + ".tar"
 
 
 if __name__ == "__main__":

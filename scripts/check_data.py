@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig
 from torchvision.utils import save_image
 
+from wuerstchen.data import ERROR_PREFIX
 from wuerstchen.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -58,8 +59,10 @@ def main(cfg: DictConfig) -> None:
     for shape, count in shapes.most_common():
         print(f"  {count:4d} x {shape}")
     stats = datamodule.data_stats
-    rejects = {k: v for k, v in sorted(stats.items()) if k != "accepted"}
-    print(f"accepted {stats['accepted']}, rejected {sum(rejects.values())}: {rejects or 'nothing'}")
+    rejects = {k: v for k, v in sorted(stats.items()) if k != "accepted" and not k.startswith(ERROR_PREFIX)}
+    errors = {k[len(ERROR_PREFIX):]: v for k, v in sorted(stats.items()) if k.startswith(ERROR_PREFIX)}
+    print(f"accepted {stats['accepted']}, rejected {sum(rejects.values())}: {rejects or 'nothing'}"
+          + (f"; exceptions behind them: {errors}" if errors else ""))
     print(f"preview: {out / 'batch.png'} (captions in {out / 'batch.txt'})")
 
 

@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import write_tar
 from helpers import JOINT_COMPRESSOR, SIZE, common, losses, output, run, stage_c_inputs
-from wuerstchen.data.cached import CLIP, EFFNET_VIEW, EMPTY_CAPTION, INFO, LATENT, STAGE_A, decode_npy
+from wuerstchen.data.cached import (CLIP, EFFNET_VIEW, EMPTY_CAPTION, INFO, LATENT, STAGE_A, CachedDataset,
+                                    decode_npy, encode_npy, prepare_cache_info)
 from wuerstchen.weights import checkpoint_info
 
 
@@ -205,3 +209,108 @@ def test_stage_b_cache_refuses_what_it_was_not_written_for(cached_b: Path, shard
                   "data.val_urls=null", "data.num_workers=0", f"run_dir={tmp_path / 'c'}", "trainer.max_steps=2",
                   f"stage_b_ckpt={chain['b'] / 'checkpoints' / 'last.ckpt'}", check=False)
     assert refused.returncode != 0 and "latent.npy" in output(refused)
+
+
+# -- caches with unexpected shapes, exact-shape batches, skipping without reading arrays, adding to a folder --------
+def write_cache(root: Path, shards: dict[str, dict[str, tuple[tuple[int, ...], str]]]) -> Path:
+    """A Stage B cache (frozen compressor) written by hand at image size 64, ratios 1 and 2, views at 1.5x:
+    ``shards`` maps a shard name to {key: (stage_a shape, latent shape[, clip shape[, latent dtype]])}."""
+    root.mkdir()
+    info = {"stage": "b", "image_size": 64, "ratios": [1.0, 2.0], "effnet_scale": 1.5, "dtype": "float16",
+            "arrays": {STAGE_A: "", LATENT: "", CLIP: ""}, "effnet_config": {"c_latent": 16},
+            "stage_a_config": {"levels": 2, "c_latent": 4}, "text_encoder": {"model_name": "tiny"}}
+    (root / INFO).write_text(json.dumps(info))
+    (root / EMPTY_CAPTION).write_bytes(encode_npy(np.zeros((1, 77, 8), np.float16)))
+    rng = np.random.default_rng(0)
+    for shard, samples in shards.items():
+        files = {}
+        for key, (stage_a, latent, *rest) in samples.items():
+            clip, dtype = (rest + [(77, 8), "float16"][len(rest):])[:2]
+            files[key] = {STAGE_A: encode_npy(rng.standard_normal(stage_a).astype(np.float16)),
+                          LATENT: encode_npy(rng.standard_normal(latent).astype(dtype)),
+                          CLIP: encode_npy(rng.standard_normal(clip).astype(np.float16)), "txt": key.encode(),
+                          "json": b"{}"}
+        write_tar(root / shard, files)
+    return root
+
+
+# (stage_a, latent) per bucket: 64x64 and 96x32 / 32x96 (W x H); the compressor view of 96 px is 160 px, of 32 px 64 px
+SQUARE, WIDE, TALL = ((4, 16, 16), (16, 3, 3)), ((4, 8, 24), (16, 2, 5)), ((4, 24, 8), (16, 5, 2))
+
+
+@pytest.fixture
+def odd_cache(tmp_path: Path) -> Path:
+    good = {f"s{i}": SQUARE for i in range(8)} | {f"w{i}": WIDE for i in range(4)} | {f"t{i}": TALL for i in range(4)}
+    odd = {"bigger_latent": (SQUARE[0], (16, 4, 4)), "wider_clip": (*SQUARE, (77, 16)),
+           "mixed_buckets": (SQUARE[0], WIDE[1]), "f32": (*SQUARE, (77, 8), "float32"),
+           "f32b": (*SQUARE, (77, 8), "float32")}
+    other_size = {f"x{i}": ((4, 32, 32), (16, 6, 6)) for i in range(12)}  # a shard cached at 128 px
+    return write_cache(tmp_path / "cache", {"00000.tar": good | odd, "00001.tar": other_size})
+
+
+def test_cache_batches_group_by_exact_shapes_and_odd_shapes_are_rejected(odd_cache: Path, caplog) -> None:
+    dataset = CachedDataset(str(odd_cache), batch_size=2, resample=False, shuffle_buffer=0, max_tries_per_shard=5)
+    with caplog.at_level(logging.WARNING):
+        batches = list(dataset)
+    stats = Counter()
+    for batch in batches:
+        stats.update(batch["data_stats"])
+    assert stats["accepted"] == 16 + 2 and stats["wrong_cache_shape"] == 3 + 5 and stats["bad_shard"] == 1
+    kinds = Counter((tuple(b["stage_a_latents"].shape[1:]), tuple(b["latents"].shape[1:]), b["latents"].dtype)
+                    for b in batches)
+    assert kinds == {(SQUARE[0], SQUARE[1], torch.float16): 4, (WIDE[0], WIDE[1], torch.float16): 2,
+                     (TALL[0], TALL[1], torch.float16): 2, (SQUARE[0], SQUARE[1], torch.float32): 1}
+    assert sorted(k for b in batches for k in b["keys"] if k.startswith("f32")) == ["f32", "f32b"]
+    # the first odd samples are named with their shard and the file that differs; the other-size shard is given up
+    assert (f"bigger_latent in {odd_cache / '00000.tar'}: latent.npy (16, 4, 4) where the cache's bucket has "
+            f"(16, 3, 3) (cache_info.json: image_size 64" in caplog.text)
+    assert f"{odd_cache / '00001.tar'}: 5 samples in a row rejected (the last as wrong_cache_shape)" in caplog.text
+
+
+def test_cache_skip_reads_no_array_it_drops(odd_cache: Path, monkeypatch) -> None:
+    import wuerstchen.data.cached as cached_module
+
+    def stream(skip: int) -> tuple[list[dict], int]:
+        dataset = cached_module.CachedDataset(str(odd_cache / "00000.tar"), batch_size=2, num_batches=6, seed=1,
+                                              shuffle_buffer=4)
+        dataset.skip_batches = skip
+        calls = {"n": 0}
+        decode = cached_module.decode_npy
+
+        def counting_decode(data: bytes) -> np.ndarray:
+            calls["n"] += 1
+            return decode(data)
+
+        monkeypatch.setattr(cached_module, "decode_npy", counting_decode)
+        batches = list(dataset)
+        monkeypatch.setattr(cached_module, "decode_npy", decode)
+        return batches, calls["n"]
+
+    full, decoded_full = stream(0)
+    resumed, decoded = stream(2)
+    assert [b["keys"] for b in resumed] == [b["keys"] for b in full[2:]]
+    for got, want in zip(resumed, full[2:]):
+        assert all(torch.equal(got[k], want[k]) for k in ("latents", "clip", "stage_a_latents"))
+    assert decoded == decoded_full - 2 * 2 * 3  # 2 batches x 2 samples x 3 arrays never read
+
+
+def test_adding_to_a_cache_folder_checks_its_info_and_keeps_shard_names_apart(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    info = {"stage": "c", "text_encoder": {"model_name": "tiny", "width": 8}, "image_size": 64, "ratios": [1.0],
+            "effnet_scale": 1.5, "dtype": "float16", "crop": "center", "arrays": {LATENT: "", CLIP: ""},
+            "effnet_ckpt": "/runs/b/last.ckpt", "effnet_sha1": "aa"}
+    first = prepare_cache_info(out, {"source": "/a/{00000..00001}.tar", **info}, ["/a/00000.tar", "/a/00001.tar"])
+    assert first["shards"] == {"00000.tar": "/a/00000.tar", "00001.tar": "/a/00001.tar"}
+    (out / INFO).write_text(json.dumps(first))
+    # the same networks from another path: /b's shards join under names of their own; /a's keep theirs
+    urls = ["/b/00000.tar", "/a/00000.tar", "pipe:cat /b/00001.tar"]
+    added = prepare_cache_info(out, {"source": "/b", **dict(info, effnet_ckpt="/copy/last.ckpt")}, urls)
+    names = {url: name for name, url in added["shards"].items()}
+    assert names["/a/00000.tar"] == "00000.tar" and names["/a/00001.tar"] == "00001.tar"
+    assert len(set(names.values())) == 4 and names["/b/00000.tar"].startswith("00000-")
+    assert added["sources"] == ["/a/{00000..00001}.tar", "/b"]
+    # another compressor, text encoder or view scale: refused, naming the folder and the key
+    for key, value in [("effnet_sha1", "bb"), ("text_encoder", {"model_name": "vit_h"}), ("effnet_scale", 0.75)]:
+        with pytest.raises(ValueError, match=f"{out} holds a cache written with other settings \\({key}: "):
+            prepare_cache_info(out, {"source": "/b", **dict(info, **{key: value})}, urls)

@@ -110,3 +110,30 @@ def test_filter_thresholds_configurable_and_disable() -> None:
     assert off.reason({}) is None
     only_size = LaionFilter(min_aesthetic=None, max_punsafe=None, max_pwatermark=None)
     assert only_size.reason({"original_width": 600, "original_height": 700}) is None
+
+
+def test_filter_size_from_laion_columns_or_the_image_header() -> None:
+    """img2dataset with --disable_all_reencoding writes no size; LAION's WIDTH/HEIGHT columns, when saved, or the size
+    read from the image header stand in, and a json without any size is not a reason to reject."""
+    f = LaionFilter()
+    scores = {k: v for k, v in GOOD.items() if not k.startswith("original")}
+    assert f.json_size(scores) is None
+    assert f.reason(scores) == "missing_size"  # no json size and no header given
+    assert f.reason(scores, image_size=(800, 600)) is None
+    assert f.reason(scores, image_size=(800, 500)) == "too_small"
+    assert f.reason(scores, image_size=(4097, 600)) == "too_large"
+    # LAION's own columns
+    assert f.json_size(dict(scores, WIDTH=640, HEIGHT="480")) == (640.0, 480.0)
+    assert f.reason(dict(scores, WIDTH=640, HEIGHT=480), image_size=(800, 600)) == "too_small"  # the json first
+    # pairs are taken whole, in trust order: original_*, then the stored size, then LAION's columns
+    assert f.json_size(dict(scores, original_width=1000, width=700, height=700, WIDTH=1, HEIGHT=1)) == (700.0, 700.0)
+    assert f.json_size(dict(scores, original_width=1000, original_height=900, width=700, height=700)) == (1000, 900)
+    assert f.json_size(dict(scores, width=None, height=700, WIDTH=600, HEIGHT=600)) == (600.0, 600.0)
+    # the size checks off: no size needed at all
+    assert LaionFilter(min_size=None, max_size=None).reason(scores) is None
+
+
+def test_filter_survives_numbers_beyond_float_range() -> None:
+    huge = 10**400  # valid JSON, float() overflows
+    assert LaionFilter().reason(dict(GOOD, pwatermark=huge)) == "missing_pwatermark"
+    assert LaionFilter().json_size({"original_width": huge, "original_height": 600}) is None

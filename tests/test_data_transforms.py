@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from wuerstchen.data import DEFAULT_RATIOS, AspectBuckets, ImageTransform, compressor_size, latent_size
-from wuerstchen.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_model_inputs
+from wuerstchen.data.transforms import IMAGENET_MEAN, IMAGENET_STD, CropPlan, to_model_inputs
 
 
 @pytest.mark.parametrize("image_size", [256, 512, 768, 1024, 1536, 2048])
@@ -102,12 +102,16 @@ def test_compressor_rule_for_every_bucket(image_size: int) -> None:
     assert ImageTransform(1024).output_sizes((1152, 896))["effnet_images"] == (864, 672)
 
 
-def _jpeg(width: int, height: int) -> Image.Image:
+def _jpeg_bytes(width: int, height: int) -> bytes:
     y, x = np.mgrid[0:height, 0:width]
     array = np.stack([x * 255 // width, y * 255 // height, (x + y) % 256], axis=-1).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="JPEG", quality=95)
-    return Image.open(io.BytesIO(buffer.getvalue()))
+    return buffer.getvalue()
+
+
+def _jpeg(width: int, height: int) -> Image.Image:
+    return Image.open(io.BytesIO(_jpeg_bytes(width, height)))
 
 
 def test_transform_outputs_per_stage_and_crop_geometry() -> None:
@@ -150,3 +154,95 @@ def test_to_model_inputs_ranges() -> None:
     expected = -torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)
     assert torch.allclose(out["effnet_images"][0, :, 0, 0], expected)
     assert out["captions"] == ["a", "b"]
+
+
+# -- valid images are never rejected: the crop box over real sizes, every bucket, both crop modes ------------------
+# Sides from 200 to 4096: odd ones, powers of two and their neighbours, and common LAION sizes (1333, 2731, ...).
+SIDES = [200, 201, 255, 256, 257, 299, 333, 375, 480, 499, 500, 511, 512, 513, 600, 640, 683, 720, 767, 768, 800, 853,
+         956, 1000, 1023, 1024, 1080, 1200, 1280, 1333, 1365, 1440, 1500, 1600, 1920, 2000, 2047, 2048, 2560, 2731,
+         3000, 3072, 3840, 4000, 4095, 4096]
+
+
+def laion_bucket_ratios() -> list[float]:
+    from omegaconf import OmegaConf
+
+    from helpers import ROOT
+
+    return [float(r) for r in OmegaConf.load(ROOT / "configs" / "data" / "laion_buckets.yaml").ratios]
+
+
+class EdgeRandom(random.Random):
+    """A generator whose every draw is ``u``: crops flush with the left/top (0) or right/bottom (1 - 2^-53) edge."""
+
+    def __init__(self, u: float) -> None:
+        super().__init__(0)
+        self.u = u
+
+    def random(self) -> float:
+        return self.u
+
+
+def crop_rngs(random_crop: bool) -> list[random.Random | None]:
+    return [random.Random(7), EdgeRandom(0.0), EdgeRandom(1.0 - 2.0**-53)] if random_crop else [None]
+
+
+@pytest.mark.parametrize("image_size", [256, 1024])
+@pytest.mark.parametrize("random_crop", [False, True])
+def test_crop_boxes_over_real_sizes_pass_pils_checks(image_size: int, random_crop: bool) -> None:
+    """For every size x bucket (square and the multi-aspect config's) x crop position, PIL's own resize accepts the
+    box (before the clamp, 956x1333 at 256 px gave left = -5.7e-14: "box offset can't be negative"), the box spans
+    the image along one side and has the bucket's aspect ratio."""
+    transforms = [ImageTransform(image_size, ratios=ratios, random_crop=random_crop)
+                  for ratios in ([1.0], laion_bucket_ratios())]
+    num_buckets = 1 + len(transforms[1].buckets)
+    assert num_buckets == {256: 1 + 7, 1024: 1 + 11}[image_size]  # at 256 px some ratios snap to one shape
+    checked = 0
+    for width in SIDES:
+        for height in SIDES:
+            # PIL checks a resize box before any work, the same for every mode; a "P" image resamples NEAREST into
+            # an 8x8 output, so the check costs nothing at 4096 px
+            image = Image.new("P", (width, height))
+            for transform in transforms:
+                for bucket in transform.buckets.shapes:
+                    for rng in crop_rngs(random_crop):
+                        left, top, right, bottom = box = transform.crop_box(width, height, bucket, rng)
+                        image.resize((8, 8), box=box)
+                        assert 0.0 <= left < right <= width and 0.0 <= top < bottom <= height
+                        assert math.isclose(right - left, width) or math.isclose(bottom - top, height)
+                        assert math.isclose((right - left) / (bottom - top), bucket[0] / bucket[1], rel_tol=1e-9)
+                        checked += 1
+    assert checked == len(SIDES) ** 2 * num_buckets * len(crop_rngs(random_crop))
+
+
+@pytest.mark.parametrize("random_crop", [False, True])
+def test_transform_renders_every_bucket_of_awkward_sizes(random_crop: bool) -> None:
+    """The whole transform (JPEG draft, RGB decode, bicubic resample from the planned box) on odd sizes, the issue's
+    956x1333 among them, into every multi-aspect bucket with crops at both edges: no error, every output at the
+    bucket's size. JPEGs decode at a reduced scale, so the box must also map into the smaller decoded image."""
+    transform = ImageTransform(256, ratios=laion_bucket_ratios(), random_crop=random_crop)
+    rngs = [EdgeRandom(0.0), EdgeRandom(1.0 - 2.0**-53)] if random_crop else [None]
+    sides = [201, 333, 683, 956, 1333]
+    sources = {(w, h): lambda w=w, h=h: Image.new("RGB", (w, h), (200, 30, 90)) for w in sides for h in sides}
+    for width, height in [(956, 1333), (1333, 956), (2047, 1535)]:
+        data = _jpeg_bytes(width, height)
+        sources[(width, height, "jpeg")] = lambda data=data: Image.open(io.BytesIO(data))
+    for (width, height, *_), source in sources.items():
+        for bucket in transform.buckets.shapes:
+            for rng in rngs:
+                plan = CropPlan(bucket, transform.crop_box(width, height, bucket, rng), (width, height))
+                outputs = transform.render(source(), plan)
+                assert {k: tuple(v.shape) for k, v in outputs.items()} == {
+                    k: (3, h, w) for k, (w, h) in transform.output_sizes(bucket).items()}
+
+
+def test_plan_makes_every_random_draw_and_render_none() -> None:
+    """A skipped sample runs the plan only: it must leave the generator where plan + render would."""
+    transform = ImageTransform(64, ratios=[1.0, 2.0], random_ratio_prob=0.5)
+    full, planned = random.Random(3), random.Random(3)
+    for width, height in [(300, 100), (100, 300), (128, 128), (957, 641)] * 5:
+        bucket, outputs = transform(_jpeg(width, height), full)
+        plan = transform.plan(width, height, planned)
+        assert plan.bucket == bucket and full.getstate() == planned.getstate()
+        assert torch.equal(transform.render(_jpeg(width, height), plan)["images"], outputs["images"])
+    with pytest.raises(ValueError, match="no pixels"):
+        transform.plan(0, 10)

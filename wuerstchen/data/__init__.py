@@ -5,12 +5,13 @@ The Lightning ``LightningDataModule`` lives in :mod:`wuerstchen.data.datamodule`
 
 from .buckets import DEFAULT_RATIOS, AspectBuckets
 from .filters import LaionFilter
-from .pipeline import REJECT_REASONS, NoUsableSamplesError, WebImageTextDataset
+from .pipeline import ERROR_PREFIX, REJECT_REASONS, NoUsableSamplesError, WebImageTextDataset
 from .shards import ShardSpecError, expand_shard_spec, split_shards
 from .transforms import ImageTransform, compressor_size, latent_size, to_model_inputs
 
 __all__ = [
     "DEFAULT_RATIOS",
+    "ERROR_PREFIX",
     "REJECT_REASONS",
     "AspectBuckets",
     "ImageTransform",

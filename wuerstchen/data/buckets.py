@@ -1,4 +1,4 @@
-"""Multi-aspect buckets of constant area (StableCascade's design, SPEC.md section 8)."""
+"""Multi-aspect buckets of constant area (StableCascade's design: the buckets keep the area, sides snap to 32)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """Frozen networks' outputs computed once (``scripts/cache_latents.py``) and streamed back without running them.
 
-A cache is a folder of WebDataset shards, one per source shard and of the same name, plus ``empty_caption.npy`` (the
-text encoder's states of "", for caption dropout) and ``cache_info.json`` (what produced it, and which arrays every
-sample holds). Per sample, besides the source's ``KEY.txt`` and ``KEY.json``:
+A cache is a folder of WebDataset shards, one per source shard and of the same name (a source whose name another
+source took, /b/00000.tar after /a/00000.tar, gets a hash of its URL added), plus ``empty_caption.npy`` (the text
+encoder's states of "", for caption dropout) and ``cache_info.json`` (what produced it, which arrays every sample holds,
+and under ``shards`` the source of every shard name). Per sample, besides the source's ``KEY.txt`` and ``KEY.json``:
 
 - Stage C cache: ``KEY.latent.npy``, the compressor's raw latent f (float16, (16, h, w); Stage C's ``to_prior`` is
   applied at training time), and ``KEY.clip.npy``, the text encoder's token states (float16, (77, width)).
@@ -27,9 +28,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .pipeline import RejectCounter, WebImageTextDataset
+from .buckets import AspectBuckets
+from .pipeline import Planned, RejectCounter, Rejected, WebImageTextDataset, describe, read_caption, read_json
 from .shards import ShardSpec
-from .transforms import pil_to_uint8
+from .transforms import compressor_size, latent_size, pil_to_uint8
 
 LATENT, CLIP, STAGE_A, EFFNET_VIEW = "latent.npy", "clip.npy", "stage_a.npy", "effnet.png"
 # what each stored file becomes in a batch
@@ -98,15 +100,98 @@ def read_cache_info(root: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+# cache_info.json keys that say where things came from, not what the arrays are: free to differ between the runs
+# that add shards to one folder (the networks are compared by their fingerprints).
+_PROVENANCE_KEYS = ("source", "sources", "shards", "effnet_ckpt", "stage_a_ckpt")
+
+
+def _source_name(url: str) -> str:
+    name = Path(url.split("::")[-1].rstrip(" -")).name  # pipe:aws s3 cp s3://bucket/00001.tar - -> 00001.tar
+    return name if name.endswith(".tar") else name + ".tar"
+
+
+def prepare_cache_info(out: Path, info: dict[str, Any], urls: Sequence[str]) -> dict[str, Any]:
+    """The ``cache_info.json`` for caching ``urls`` into ``out`` with the networks ``info`` describes: the folder's
+    own info with this source and its shard names added (``shards``: name -> source URL; a URL cached before keeps
+    its name). Refuses, naming the folder and the keys, a folder written with other networks, text encoder, view scale
+    or bucket geometry."""
+    info = json.loads(json.dumps(info))  # as the file holds it: tuples as lists
+    existing: dict[str, Any] = {}
+    if (out / INFO).is_file():
+        existing = read_cache_info(out)
+        differing = [key for key in sorted(existing.keys() & info.keys())
+                     if key not in _PROVENANCE_KEYS and existing[key] != info[key]]
+        if differing:
+            changes = "; ".join(f"{key}: {_short(existing[key])} there, {_short(info[key])} now" for key in differing)
+            raise ValueError(f"{out} holds a cache written with other settings ({changes}): give another out= folder, "
+                             f"or delete {out / INFO} and its shards to re-cache")
+    shards: dict[str, str] = dict(existing.get("shards", {}))
+    known = set(shards.values())
+    for url in urls:
+        if url in known:
+            continue
+        name = _source_name(url)
+        if name in shards:
+            name = f"{name[:-len('.tar')]}-{hashlib.sha1(url.encode()).hexdigest()[:8]}.tar"
+        shards[name] = url
+        known.add(url)
+    sources = list(existing.get("sources", [existing["source"]] if "source" in existing else []))
+    if info.get("source") not in sources:
+        sources.append(info.get("source"))
+    return {**existing, **info, "sources": sources, "shards": shards}
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def header_shape(name: str, data: bytes) -> tuple[tuple[int, ...], str]:
+    """(shape, dtype) of a stored file from its header alone: the ``.npy`` header, or a PNG view's size."""
+    if name == EFFNET_VIEW:
+        with Image.open(io.BytesIO(data)) as image:  # decoded as RGB, whatever the PNG's mode
+            width, height = image.size
+        return (3, height, width), "uint8"
+    buffer = io.BytesIO(data)
+    version = np.lib.format.read_magic(buffer)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read_header(buffer)
+    return tuple(shape), str(dtype)
+
+
+def expected_shapes(info: dict[str, Any], clip_shape: tuple[int, ...]) -> list[dict[str, tuple[int, ...]]]:
+    """Every file's shape, per aspect bucket of the transform that wrote the cache (``image_size``, ``ratios``,
+    ``effnet_scale`` of its ``cache_info.json``): the format above, with the networks' channels and Stage A's
+    downsampling from their recorded configs (the defaults, 16 and f4 with 4 channels, for caches that lack them)."""
+    if not {"image_size", "effnet_scale"} <= info.keys():
+        return []
+    scale = float(info["effnet_scale"])
+    buckets = AspectBuckets(int(info["image_size"]), [float(r) for r in info.get("ratios", [1.0])]).shapes
+    c_latent = (info.get("effnet_config") or {}).get("c_latent", 16)
+    stage_a = info.get("stage_a_config") or {}
+    c_stage_a, factor = stage_a.get("c_latent", 4), 2 ** stage_a.get("levels", 2)
+    shapes = []
+    for width, height in buckets:
+        view = (3, compressor_size(height, scale), compressor_size(width, scale))
+        shapes.append({LATENT: (c_latent, latent_size(height, scale), latent_size(width, scale)),
+                       STAGE_A: (c_stage_a, height // factor, width // factor), EFFNET_VIEW: view, CLIP: clip_shape})
+    return shapes
+
+
 class CachedDataset(WebImageTextDataset):
     """Per-shape batches of a cache's samples: every array the cache holds under its batch name (``BATCH_KEYS``:
     ``latents`` (B, 16, h, w), ``clip`` (B, 77, width), ``stage_a_latents`` (B, 4, H/4, W/4), float16, and
     ``effnet_images`` uint8 like the image pipeline's), ``captions``, ``keys``, ``meta``, and ``empty_clip``
     (1, 77, width) for caption dropout.
 
-    Streaming, shuffling, the rank/worker split, exact resume and reject counting are the image pipeline's; only the
-    decoding differs (a sample missing one of the cache's files, or with unreadable ones, is skipped and counted).
+    Streaming, shuffling, the rank/worker split, exact resume and reject counting are the image pipeline's. A
+    sample's plan reads the files' headers only: it is skipped as ``missing_cache`` without one of the cache's files,
+    ``bad_cache`` with an unreadable one, and ``wrong_cache_shape`` when its shapes are not those of one of the
+    cache's buckets (:func:`expected_shapes`: another image size, text encoder or network in the folder). Batches
+    group samples by their exact shapes and dtypes, and a resumed pass skips batches without reading their arrays.
     """
+
+    _render_reason = "bad_cache"
 
     def __init__(self, urls: ShardSpec, batch_size: int, **kwargs: Any) -> None:
         kwargs.pop("filter", None)  # the cache holds only samples that passed the filter when it was written
@@ -115,28 +200,42 @@ class CachedDataset(WebImageTextDataset):
         self.info = read_cache_info(root)
         self.files = [name for name in BATCH_KEYS if name in self.info.get("arrays", {})]
         self.empty_clip = torch.from_numpy(decode_npy((root / EMPTY_CAPTION).read_bytes()))  # (1, 77, width)
+        self.expected = [{name: shapes[name] for name in self.files}
+                         for shapes in expected_shapes(self.info, tuple(self.empty_clip.shape[1:]))]
 
-    def _decode(self, raw: dict[str, Any], rng: random.Random, counter: RejectCounter) -> dict[str, Any] | None:
-        where = f"{raw.get('__key__')} in {raw.get('__url__')}"
-        if any(name not in raw for name in self.files):
-            return counter.reject("missing_cache", where)
+    def _plan(self, raw: dict[str, Any], rng: random.Random) -> Planned:
+        missing = [name for name in self.files if name not in raw]
+        if missing:
+            raise Rejected("missing_cache", f"no {', '.join(missing)}")
         try:
-            outputs = {BATCH_KEYS[name]: _decode_file(name, raw[name]) for name in self.files}
-            caption = raw["txt"].decode("utf-8").strip() if "txt" in raw else ""
-            meta = json.loads(raw["json"]) if "json" in raw else {}
-        except (ValueError, OSError, UnicodeDecodeError, SyntaxError) as exn:
-            return counter.reject("bad_cache", f"{where}: {type(exn).__name__}: {exn}")
-        wrong = {key: tuple(value.shape) for key, value in outputs.items() if value.ndim != (2 if key == "clip" else 3)}
-        if wrong:
-            return counter.reject("bad_cache", f"{where}: shapes {wrong}")
-        if self.require_caption and not caption:
-            return counter.reject("missing_caption", where)
-        counter.accept()
-        bucket = tuple(value.shape[-2:] for key, value in outputs.items() if key != "clip")  # one batch, one shape
-        return {"bucket": bucket, "outputs": outputs, "caption": caption, "key": raw["__key__"], "meta": meta}
+            headers = {name: header_shape(name, raw[name]) for name in self.files}
+        except Exception as exn:
+            raise Rejected("bad_cache", describe(exn), exn) from exn
+        self._check_shapes({name: shape for name, (shape, _) in headers.items()})
+        caption = read_caption(raw, self.require_caption)
+        meta = read_json(raw, required=False)
+        group = tuple((BATCH_KEYS[name], shape, dtype) for name, (shape, dtype) in headers.items())
+        return Planned(raw["__key__"], raw.get("__url__"), group, caption, meta, {n: raw[n] for n in self.files})
 
-    def _collate(self, group: Sequence[dict[str, Any]], counter: RejectCounter) -> dict[str, Any]:
-        batch = WebImageTextDataset._collate(group, counter)
+    def _check_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        if not self.expected:  # a cache_info.json without the geometry: at least the ranks must be right
+            wrong = [f"{name} {shape}" for name, shape in shapes.items() if len(shape) != (2 if name == CLIP else 3)]
+        elif shapes in self.expected:
+            return
+        else:  # name the files that differ from the bucket the sample is closest to
+            nearest = min(self.expected, key=lambda e: sum(e[name] != shapes[name] for name in shapes))
+            wrong = [f"{name} {shape} where the cache's bucket has {nearest[name]}" for name, shape in shapes.items()
+                     if shape != nearest[name]]
+        if wrong:
+            raise Rejected("wrong_cache_shape", f"{', '.join(wrong)} ({INFO}: image_size "
+                                                f"{self.info.get('image_size')}, ratios {self.info.get('ratios')}, "
+                                                f"effnet_scale {self.info.get('effnet_scale')})")
+
+    def _render(self, planned: Planned) -> dict[str, torch.Tensor]:
+        return {BATCH_KEYS[name]: _decode_file(name, data) for name, data in planned.source.items()}
+
+    def _collate(self, group: Sequence[Planned], counter: RejectCounter) -> dict[str, Any]:
+        batch = super()._collate(group, counter)
         batch["empty_clip"] = self.empty_clip
         return batch
 

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from .cached import CachedDataset
 from .filters import LaionFilter
-from .pipeline import REJECT_REASONS, WebImageTextDataset
+from .pipeline import ERROR_PREFIX, REJECT_REASONS, WebImageTextDataset
 from .shards import ShardSpec
 from .transforms import ImageTransform, to_model_inputs
 
@@ -94,9 +94,13 @@ class WebDataModule(L.LightningDataModule):
         cached: the shards are a cache written by ``scripts/cache_latents.py`` (frozen networks' outputs; the
             transform ran when it was written): batches hold what the cache holds (``latents``, ``clip``,
             ``stage_a_latents``, ``effnet_images``; see ``data.cached``) and ``empty_clip``.
+        max_tries: rejected samples in a row (over all shards) before the run stops with the reasons seen.
+        max_tries_per_shard: rejected samples in a row within one shard before the rest of that shard is skipped
+            (counted as ``bad_shard``, with a warning naming it): one shard without metadata is not fatal.
+        read_timeout: seconds a ``pipe:`` shard may send nothing before it counts as ``stalled_shard``.
         resume: what a checkpoint restores. ``exact``: the stream continues at the batch after the last trained one
-            (the skipped part of the epoch is decoded once and dropped, at most ``batches_per_epoch`` batches per
-            rank); ``restart``: the restart index goes up by one, a fresh stream still set by the seed, no skipping.
+            (the skipped part of the epoch is replayed from tar members and image headers, nothing decoded);
+            ``restart``: the restart index goes up by one, a fresh stream still set by the seed, no skipping.
     """
 
     def __init__(self, urls: ShardSpec, batch_size: int, image_size: int,
@@ -104,7 +108,8 @@ class WebDataModule(L.LightningDataModule):
                  random_ratio_prob: float = 0.0, effnet_scale: float | None = 0.75, val_urls: ShardSpec | None = None,
                  filter: LaionFilter | None = None, batches_per_epoch: int | None = None,
                  val_batches: int | None = None, val_batch_size: int | None = None, num_workers: int = 4,
-                 shuffle_buffer: int = 1000, require_caption: bool = True, max_tries: int = 10_000, seed: int = 0,
+                 shuffle_buffer: int = 1000, require_caption: bool = True, max_tries: int = 10_000,
+                 max_tries_per_shard: int | None = 1000, read_timeout: float = 120.0, seed: int = 0,
                  pin_memory: bool | None = None, prefetch_factor: int | None = None, restart_index: int = 0,
                  resume: str = "exact", cached: bool = False) -> None:
         super().__init__()
@@ -123,6 +128,7 @@ class WebDataModule(L.LightningDataModule):
         self.val_batch_size = val_batch_size
         self.num_workers = int(num_workers)
         self.shuffle_buffer, self.require_caption, self.max_tries = shuffle_buffer, require_caption, max_tries
+        self.max_tries_per_shard, self.read_timeout = max_tries_per_shard, float(read_timeout)
         self.seed = int(seed)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.prefetch_factor = prefetch_factor
@@ -168,7 +174,8 @@ class WebDataModule(L.LightningDataModule):
         rank, world_size, _ = self._world()
         batch_size = self.per_rank_batch_size()
         common = dict(filter=self.filter, require_caption=self.require_caption, max_tries=self.max_tries,
-                      seed=self.seed, rank=rank, world_size=world_size)
+                      max_tries_per_shard=self.max_tries_per_shard, read_timeout=self.read_timeout, seed=self.seed,
+                      rank=rank, world_size=world_size)
         if stage in (None, "fit") and self.train_set is None:
             self.train_set = self._dataset(self.urls, batch_size, self.train_transform, resample=True,
                                      num_batches=self.batches_per_epoch, shuffle_buffer=self.shuffle_buffer, **common)
@@ -250,20 +257,34 @@ class WebDataModule(L.LightningDataModule):
 
 
 class DataStatsMonitor(L.Callback):
-    """Logs the data pipeline's counts, summed over ranks: ``data/accepted`` and ``data/rejected/<reason>``.
+    """Logs the data pipeline's counts, summed over ranks: ``data/accepted``, ``data/rejected/<reason>`` and, for the
+    rejects an exception caused, ``data/errors/<ExceptionType>`` (these duplicate their reason's count).
 
-    The counts are cumulative over the run (checkpointed with the datamodule) and reduced across ranks every
-    ``trainer.log_every_n_steps`` steps, at the same step on every rank; each epoch end also prints a summary line.
+    The counts are cumulative over the run (checkpointed with the datamodule). The fixed reasons are reduced across
+    ranks every ``trainer.log_every_n_steps`` steps, at the same step on every rank, as one tensor; the open-ended
+    exception types only at each epoch end, where the ranks first agree on their names. Each epoch end also prints a
+    summary line.
     """
 
-    def _totals(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float] | None:
+    def _totals(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                names: Sequence[str] = ("accepted", *REJECT_REASONS)) -> dict[str, float] | None:
         datamodule = trainer.datamodule
         if not isinstance(datamodule, WebDataModule):
             return None
-        names = ("accepted", *REJECT_REASONS)
         counts = torch.tensor([float(datamodule.data_stats[n]) for n in names], device=pl_module.device)
         counts = trainer.strategy.reduce(counts, reduce_op="sum")
         return dict(zip(names, counts.tolist()))
+
+    def _error_totals(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        local = sorted(k for k in trainer.datamodule.data_stats if k.startswith(ERROR_PREFIX))
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, local)
+            local = sorted(set().union(*gathered))
+        if not local:
+            return {}
+        totals = self._totals(trainer, pl_module, local) or {}
+        return {name[len(ERROR_PREFIX):]: count for name, count in totals.items()}
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -277,6 +298,11 @@ class DataStatsMonitor(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if (totals := self._totals(trainer, pl_module)) is None:
             return
+        errors = self._error_totals(trainer, pl_module)
+        if errors:
+            pl_module.log_dict({f"data/errors/{name}": count for name, count in errors.items()}, on_step=False,
+                               on_epoch=True, reduce_fx="max")
         rejects = {name: int(count) for name, count in totals.items() if name != "accepted" and count > 0}
         rank_zero_info(f"data after epoch {trainer.current_epoch}: {int(totals['accepted'])} samples accepted, "
-                       f"{sum(rejects.values())} rejected {rejects or ''}".rstrip())
+                       f"{sum(rejects.values())} rejected {rejects or ''}".rstrip()
+                       + (f"; exceptions behind them: { {k: int(v) for k, v in errors.items()} }" if errors else ""))

@@ -1,4 +1,5 @@
-"""The LAION metadata filter of the official training code, applied to a sample's json before any decoding."""
+"""The LAION metadata filter of the official training code, applied to a sample's json (and, for the size check, to
+the image header when the json holds no size) before any decoding."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ from typing import Any
 
 # Keys under which img2dataset / LAION-5B releases store the aesthetic score.
 AESTHETIC_KEYS = ("aesthetic", "AESTHETIC_SCORE")
+# (width, height) keys in the order they are trusted: img2dataset's size before resizing, the stored size (written
+# when it re-encodes without resizing), LAION's own parquet columns (saved with img2dataset's
+# --save_additional_columns). With --disable_all_reencoding img2dataset writes none of the first two.
+SIZE_KEYS = (("original_width", "original_height"), ("width", "height"), ("WIDTH", "HEIGHT"))
 
 
 def _numbers(meta: Mapping[str, Any], *keys: str) -> list[float]:
@@ -20,7 +25,7 @@ def _numbers(meta: Mapping[str, Any], *keys: str) -> list[float]:
             continue
         try:
             number = float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: a json integer beyond float range
             continue
         if math.isfinite(number):
             numbers.append(number)
@@ -35,16 +40,19 @@ def _number(meta: Mapping[str, Any], *keys: str) -> float | None:
 
 @dataclass(frozen=True)
 class LaionFilter:
-    """Accept or reject a sample from its img2dataset json (SPEC.md section 8).
+    """Accept or reject a sample from its img2dataset json, as the official training code's ``WebdatasetFilter``.
 
     Defaults are the official ones: 512 <= original side <= 4096, aesthetic >= 5.0, punsafe <= 0.99,
     pwatermark <= 0.5. Every bound is inclusive and can be disabled with ``None``. A score that an enabled check needs
     but the json lacks (missing, null or not a number) rejects the sample, as in the official code, except that an
     explicit 0.0 counts as 0.0 (the official ``x or default`` turned a 0.0 watermark score into 1.0 and rejected it).
-    The size check reads ``original_width``/``original_height`` and falls back to ``width``/``height`` for shards
-    written without resizing. The aesthetic check passes when ``aesthetic`` or ``AESTHETIC_SCORE`` passes.
+    The size check reads the first complete pair of ``SIZE_KEYS`` (``original_width``/``original_height``, then
+    ``width``/``height``, then LAION's ``WIDTH``/``HEIGHT``) and, when the json has none, the size the caller read from
+    the image header (``image_size``): shards written without re-encoding store the original bytes, so the header is
+    the original size. The aesthetic check passes when ``aesthetic`` or ``AESTHETIC_SCORE`` passes.
 
-    ``reason(meta)`` returns None for an accepted sample, else the reject reason used in the data logs.
+    ``reason(meta, image_size)`` returns None for an accepted sample, else the reject reason used in the data logs;
+    ``missing_size`` only when neither the json nor the caller gives a size.
     """
 
     min_size: int | None = 512
@@ -53,16 +61,33 @@ class LaionFilter:
     max_punsafe: float | None = 0.99
     max_pwatermark: float | None = 0.5
 
-    def reason(self, meta: Mapping[str, Any]) -> str | None:
-        if self.min_size is not None or self.max_size is not None:
-            width = _number(meta, "original_width", "width")
-            height = _number(meta, "original_height", "height")
-            if width is None or height is None:
+    @staticmethod
+    def json_size(meta: Mapping[str, Any]) -> tuple[float, float] | None:
+        """(width, height) of the original image from the json, or None when it stores no usable pair."""
+        for width_key, height_key in SIZE_KEYS:
+            width, height = _number(meta, width_key), _number(meta, height_key)
+            if width is not None and height is not None:
+                return width, height
+        return None
+
+    @property
+    def checks_size(self) -> bool:
+        return self.min_size is not None or self.max_size is not None
+
+    def size_reason(self, width: float, height: float) -> str | None:
+        if self.min_size is not None and min(width, height) < self.min_size:
+            return "too_small"
+        if self.max_size is not None and max(width, height) > self.max_size:
+            return "too_large"
+        return None
+
+    def reason(self, meta: Mapping[str, Any], image_size: tuple[float, float] | None = None) -> str | None:
+        if self.checks_size:
+            size = self.json_size(meta) or image_size
+            if size is None:
                 return "missing_size"
-            if self.min_size is not None and min(width, height) < self.min_size:
-                return "too_small"
-            if self.max_size is not None and max(width, height) > self.max_size:
-                return "too_large"
+            if (size_reason := self.size_reason(*size)) is not None:
+                return size_reason
         if self.min_aesthetic is not None:
             # the official filter accepts when either key passes
             scores = _numbers(meta, *AESTHETIC_KEYS)
@@ -84,8 +109,8 @@ class LaionFilter:
                 return "watermark"
         return None
 
-    def __call__(self, meta: Mapping[str, Any]) -> bool:
-        return self.reason(meta) is None
+    def __call__(self, meta: Mapping[str, Any], image_size: tuple[float, float] | None = None) -> bool:
+        return self.reason(meta, image_size) is None
 
     @property
     def enabled(self) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,7 +29,8 @@ _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.B
 
 
 def compressor_size(side: int, scale: float = 0.75, multiple: int = 32) -> int:
-    """Compressor input side for an image side: ``scale * side`` snapped to a multiple of 32 (SPEC.md section 8).
+    """Compressor input side for an image side: ``scale * side`` snapped to a multiple of 32 (the paper feeds the
+    compressor 768 px views of 1024 px images).
 
     1024 -> 768 (24x24 latent), 1536 -> 1152 (36x36), 2048 -> 1536 (48x48).
     """
@@ -46,6 +48,31 @@ def pil_to_uint8(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
+@dataclass(frozen=True)
+class CropPlan:
+    """Where one sample's outputs come from: its aspect bucket and the crop box in the stored image's pixels."""
+
+    bucket: tuple[int, int]  # (width, height) of the ``images`` output
+    box: tuple[float, float, float, float]  # (left, top, right, bottom) in source pixels
+    source_size: tuple[int, int]  # (width, height) of the stored image, as its header gives it
+
+
+def _clamp_box(box: tuple[float, float, float, float], width: int, height: int
+               ) -> tuple[float, float, float, float]:
+    """The box moved inside a width x height image (PIL checks 0 <= left <= right <= width, the same for y)."""
+    left, top = min(max(box[0], 0.0), float(width)), min(max(box[1], 0.0), float(height))
+    return left, top, min(max(box[2], left), float(width)), min(max(box[3], top), float(height))
+
+
+def _scale_box(box: tuple[float, float, float, float], source: tuple[int, int], decoded: tuple[int, int]
+               ) -> tuple[float, float, float, float]:
+    """A box planned on the stored size, in the pixels of the decoded image (smaller when JPEG draft mode ran)."""
+    if tuple(decoded) == tuple(source):
+        return box
+    sx, sy = decoded[0] / source[0], decoded[1] / source[1]
+    return _clamp_box((box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy), *decoded)
+
+
 class ImageTransform:
     """Crop an image to its aspect bucket and render the outputs one stage needs.
 
@@ -54,6 +81,10 @@ class ImageTransform:
     bucket size (Stage A/B), ``effnet_images`` at ``compressor_size`` of each side (the semantic compressor). JPEGs are
     decoded at a reduced scale (``draft``) when the largest output allows, which makes small crops of large photos
     several times cheaper.
+
+    The work comes in two steps: :meth:`plan` picks the bucket and the box from the image's size (its header) and
+    makes every random draw; :meth:`render` decodes and resamples, deterministically. ``transform(image, rng)`` does
+    both.
 
     Args:
         image_size: training side (square) or the side of the bucket area (multi-aspect); multiple of 32.
@@ -92,25 +123,45 @@ class ImageTransform:
 
     def crop_box(self, width: int, height: int, bucket: tuple[int, int],
                  rng: random.Random | None) -> tuple[float, float, float, float]:
-        """Box (left, top, right, bottom) in source pixels that covers the bucket's aspect ratio."""
+        """Box (left, top, right, bottom) in source pixels that covers the bucket's aspect ratio.
+
+        The box is clamped to the image: computed in floating point, the side that spans the image can come out a
+        hair longer than it (956x1333 at a 256 px square: left = -5.7e-14), which PIL refuses ("box offset can't be
+        negative") and which would reject a valid image. Random crops draw two numbers whatever the size.
+        """
         scale = max(bucket[0] / width, bucket[1] / height)
-        box_w, box_h = bucket[0] / scale, bucket[1] / scale
+        box_w, box_h = min(bucket[0] / scale, float(width)), min(bucket[1] / scale, float(height))
         if self.random_crop and rng is not None:
             left, top = rng.uniform(0.0, width - box_w), rng.uniform(0.0, height - box_h)
         else:
             left, top = (width - box_w) / 2.0, (height - box_h) / 2.0
-        return left, top, left + box_w, top + box_h
+        return _clamp_box((left, top, left + box_w, top + box_h), width, height)
+
+    def plan(self, width: int, height: int, rng: random.Random | None = None) -> CropPlan:
+        """Bucket and crop box from the image's size alone (its header): every random draw the transform makes.
+
+        Planning without rendering draws the same numbers in the same order, which lets a resumed stream replay the
+        samples it skips without decoding them (``WebImageTextDataset.skip_batches``).
+        """
+        if width < 1 or height < 1:
+            raise ValueError(f"image size {width}x{height} has no pixels")
+        bucket = self.buckets.assign(width, height, rng=rng)
+        return CropPlan(bucket, self.crop_box(width, height, bucket, rng), (int(width), int(height)))
+
+    def render(self, image: Image.Image, plan: CropPlan) -> dict[str, torch.Tensor]:
+        """Decode a (lazily opened) image and resample every output from the planned box; draws no random number."""
+        sizes = self.output_sizes(plan.bucket)
+        largest = max(sizes.values(), key=lambda wh: wh[0] * wh[1])
+        self._draft(image, plan.bucket, largest)
+        image = image.convert("RGB")
+        box = _scale_box(plan.box, plan.source_size, image.size)
+        return {key: pil_to_uint8(image.resize(size, self.resample, box=box)) for key, size in sizes.items()}
 
     def __call__(self, image: Image.Image, rng: random.Random | None = None
                  ) -> tuple[tuple[int, int], dict[str, torch.Tensor]]:
         """Transform a (lazily opened) PIL image; returns the bucket and the uint8 (3, h, w) outputs."""
-        bucket = self.buckets.assign(*image.size, rng=rng)
-        sizes = self.output_sizes(bucket)
-        largest = max(sizes.values(), key=lambda wh: wh[0] * wh[1])
-        self._draft(image, bucket, largest)
-        image = image.convert("RGB")
-        box = self.crop_box(*image.size, bucket, rng)
-        return bucket, {key: pil_to_uint8(image.resize(size, self.resample, box=box)) for key, size in sizes.items()}
+        plan = self.plan(*image.size, rng=rng)
+        return plan.bucket, self.render(image, plan)
 
     @staticmethod
     def _draft(image: Image.Image, bucket: tuple[int, int], largest: tuple[int, int]) -> None:
