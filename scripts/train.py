@@ -45,20 +45,19 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError("set trainer.max_steps (or trainer.max_epochs): the training stream is endless")
 
 
-def resume_plan(cfg: DictConfig, checkpointing: Checkpointing | None) -> ResumePlan:
-    """Where this attempt starts (rank 0 decides, the other ranks follow; see ``resume.agree_on_plan``)."""
-    dirpath = checkpointing.dirpath if checkpointing is not None else Path(cfg.run_dir) / "checkpoints"
+def resume_plan(cfg: DictConfig, checkpointing: Checkpointing | None, lock: RunLock) -> ResumePlan:
+    """Where this attempt starts (rank 0 takes ``lock`` and decides, the other ranks follow; see
+    ``resume.agree_on_plan``)."""
+    dirpath = lock.path.parent
     if not cfg.ckpt_path and not cfg.resume and (found := find_resume_checkpoint(dirpath)) is not None:
         raise ValueError(f"run_dir={cfg.run_dir} already holds checkpoints ({found.name}); resume=true continues "
                          f"that run, or choose a new run_dir")
-    lock = checkpointing.lock if checkpointing is not None else RunLock(dirpath)
     return agree_on_plan(dirpath, str(cfg.ckpt_path) if cfg.ckpt_path else None, rank_zero_only.rank, lock)
 
 
-def build(cfg: DictConfig, callbacks: list[L.Callback], ckpt_path: str | None = None
-          ) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer]:
-    datamodule = hydra.utils.instantiate(cfg.data)
-    module = hydra.utils.instantiate(cfg.stage)
+def build_trainer(cfg: DictConfig, module: L.LightningModule, callbacks: list[L.Callback],
+                  ckpt_path: str | None = None) -> L.Trainer:
+    """The trainer of a run starting at ``ckpt_path`` (or fresh: then ``init_from`` gives the first weights)."""
     if cfg.init_from and ckpt_path is None:  # a resumed run has its weights in the checkpoint
         module.init_from(cfg.init_from)
         log.info("initialised %s from %s", type(module.network).__name__, cfg.init_from)
@@ -75,9 +74,7 @@ def build(cfg: DictConfig, callbacks: list[L.Callback], ckpt_path: str | None = 
         # our Preemption callback saves at a step boundary and requeues; Lightning's own handler would save inside
         # the signal handler, which can deadlock collectives
         plugins.append(SLURMEnvironment(auto_requeue=False))
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                      plugins=plugins or None)
-    return module, datamodule, trainer
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins or None)
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
@@ -89,16 +86,20 @@ def main(cfg: DictConfig) -> None:
         torch.backends.cudnn.allow_tf32 = True
     log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    datamodule = hydra.utils.instantiate(cfg.data)  # config errors stop the run before it touches run_dir
+    module = hydra.utils.instantiate(cfg.stage)
     checkpointing = next((c for c in callbacks if isinstance(c, Checkpointing)), None)
-    plan = resume_plan(cfg, checkpointing)
-    if plan.path is not None:
-        log.info("resuming from %s (%s)", plan.path, plan.reason)
-    if checkpointing is not None:
-        checkpointing.resume_from(plan)
-    module, datamodule, trainer = build(cfg, callbacks, plan.path)
+    lock = checkpointing.lock if checkpointing is not None else RunLock(Path(cfg.run_dir) / "checkpoints")
     try:
+        plan = resume_plan(cfg, checkpointing, lock)
+        if plan.path is not None:
+            log.info("resuming from %s (%s)", plan.path, plan.reason)
+        if checkpointing is not None:
+            checkpointing.resume_from(plan)
+        trainer = build_trainer(cfg, module, callbacks, plan.path)
         trainer.fit(module, datamodule=datamodule, ckpt_path=plan.path)
     finally:
+        lock.release()
         os.environ.pop(PLAN_ENV, None)  # only for the ranks Lightning launched from this process
     preemption = next((c for c in callbacks if isinstance(c, Preemption)), None)
     if preemption is not None and preemption.unfinished:

@@ -269,3 +269,58 @@ def test_skipping_decodes_nothing_it_drops(varied_shards: str, monkeypatch) -> N
     assert [b["keys"] for b in resumed] == [b["keys"] for b in full[7:]]
     # every sample of the 7 dropped batches was planned from its header and never decoded
     assert loads["count"] == decoded_full - 7 * 3
+
+
+# -- a sample that kills its loader worker outside Python is skipped by the next attempt --------------------------
+POISON = """
+import os, runpy, signal, sys
+from pathlib import Path
+from wuerstchen.data.pipeline import WebImageTextDataset
+
+record = Path(os.environ["POISON_FILE"])  # the poisoned sample: the 12th one a worker renders in the first attempt
+original = WebImageTextDataset._render
+renders = 0
+
+def render(self, planned):
+    global renders
+    renders += 1
+    if not record.exists() and renders == 12:
+        record.write_text(planned.where)
+    if record.exists() and record.read_text() == planned.where:
+        os.kill(os.getpid(), signal.SIGSEGV)  # what a decoder's segfault does to the worker
+    return original(self, planned)
+
+WebImageTextDataset._render = render
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_sample_that_kills_its_worker_is_skipped_by_the_next_attempt(shards: Path, tmp_path: Path) -> None:
+    import subprocess
+
+    from helpers import ROOT, SIZE, metric_rows
+
+    from wuerstchen.training.checkpointing import complete_checkpoints
+
+    wrapper, poison = tmp_path / "poison.py", tmp_path / "poisoned_sample"
+    wrapper.write_text(POISON)
+    run_dir = tmp_path / "run"
+    args = [str(wrapper), str(ROOT / "scripts" / "train.py"), "experiment=demo_stage_a", "stage.stage_a.c_hidden=16",
+            "data.batch_size=4", f"data.image_size={SIZE}", f"data.urls={shards / 'train'}", "data.val_urls=null",
+            "data.num_workers=2", "data.batches_per_epoch=10", "trainer.max_steps=24", "trainer.log_every_n_steps=1",
+            "callbacks.checkpoint.every_n_steps=4", "callbacks.preview=null", "callbacks.progress.refresh_rate=0",
+            f"run_dir={run_dir}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "POISON_FILE": str(poison)}
+    first = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert first.returncode != 0 and "is killed by signal" in first.stderr + first.stdout
+    where = poison.read_text()
+    record = json.loads((run_dir / "data_crash.json").read_text())
+    assert record["skip_keys"] == [where], record
+    second = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    log = second.stdout + second.stderr
+    assert second.returncode == 0, log[-3000:]
+    assert "skipping 1 sample(s) it was reading" in log and where in log
+    assert complete_checkpoints(run_dir / "checkpoints")[-1][0] == 24
+    rejected = [float(r["data/rejected/bad_sample"]) for r in metric_rows(run_dir) if r.get("data/rejected/bad_sample")]
+    assert rejected and max(rejected) == 1.0

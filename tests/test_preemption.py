@@ -124,3 +124,15 @@ def test_a_signal_at_an_awkward_moment_ends_the_same_way(shards: Path, tmp_path:
         assert [step for step, _ in complete_checkpoints(run_dir / "checkpoints")] == [4, stopped]
     again = run("train.py", *args)
     assert sorted(losses_by_step(run_dir)) == list(range(STEPS)), output(again)[-2000:]
+
+
+def test_a_missing_scontrol_is_a_failed_requeue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    from wuerstchen.training.preemption import requeue_slurm_job
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol on it
+    assert requeue_slurm_job() is False
+    assert "scontrol not found on PATH: SLURM job 4242 was not requeued" in caplog.text
+    monkeypatch.delenv("SLURM_JOB_ID")
+    assert requeue_slurm_job() is False and "not inside a SLURM job" in caplog.text

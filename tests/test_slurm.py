@@ -259,3 +259,12 @@ def test_sbatch_template_requeues_on_preemption_at_awkward_moments(slurm: dict[s
             assert 12 <= stopped < 50
         else:  # validation after step 6 and the save of step 8 both stop at the following step
             assert stopped == {"validation": 7, "save": 9}[job.name], (job.name, log[-3000:])
+
+
+def test_a_failed_requeue_says_so(slurm: dict[str, str], monkeypatch) -> None:
+    from wuerstchen.training.preemption import requeue_slurm_job
+
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("SLURM_JOB_ID", "999999")  # no such job: the real scontrol refuses
+    assert requeue_slurm_job() is False

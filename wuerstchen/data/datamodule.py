@@ -17,8 +17,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from .cached import CachedDataset
+from .crashes import LoaderCrashes, dead_worker_pids
 from .filters import LaionFilter
-from .pipeline import ERROR_PREFIX, REJECT_REASONS, WebImageTextDataset
+from .pipeline import ERROR_PREFIX, REJECT_REASONS, InFlight, WebImageTextDataset
 from .shards import ShardSpec
 from .transforms import ImageTransform, to_model_inputs
 
@@ -63,6 +64,8 @@ class StreamLoader(DataLoader):
 
     def __iter__(self):
         self.dataset.restart_index, self.dataset.epoch, self.dataset.skip_batches = self._position()
+        if self.num_workers and self.dataset.in_flight is None:  # before the workers fork, so they share it
+            self.dataset.in_flight = InFlight()
         return super().__iter__()
 
     # Resumable (Lightning's _Stateful protocol): the stream position itself is checkpointed by WebDataModule (which
@@ -140,6 +143,7 @@ class WebDataModule(L.LightningDataModule):
         self._epoch_batches = 0
         self._resume_at: tuple[int, int] | None = None  # (epoch, batches) restored from a checkpoint
         self._started = False  # whether a training pass has started in this process
+        self.crashes = LoaderCrashes()  # samples that killed a loader worker in an earlier attempt (crashes.py)
         self.data_stats: Counter[str] = Counter()  # training stream, cumulative over the run
         self.val_data_stats: Counter[str] = Counter()
         self.train_set: WebImageTextDataset | None = None
@@ -171,6 +175,12 @@ class WebDataModule(L.LightningDataModule):
 
     # -- datasets -------------------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
+        if self.trainer is not None and (record := LoaderCrashes.read(self.trainer.default_root_dir)) is not None:
+            self.crashes = record
+            self.restart_index = max(self.restart_index, record.restart_index)
+            log.warning("an earlier attempt's loader worker died (%s): skipping %d sample(s) it was reading: %s",
+                        record.errors[-1] if record.errors else "?", len(record.skip_keys),
+                        ", ".join(sorted(record.skip_keys)[:5]))
         rank, world_size, _ = self._world()
         batch_size = self.per_rank_batch_size()
         common = dict(filter=self.filter, require_caption=self.require_caption, max_tries=self.max_tries,
@@ -225,6 +235,7 @@ class WebDataModule(L.LightningDataModule):
             epoch, skip = 0, 0
         self._started = True
         self._epoch, self._epoch_batches = epoch, skip
+        self.train_set.skip_keys = frozenset(self.crashes.skip_keys)
         return self.restart_index, epoch, skip
 
     def _val_position(self) -> tuple[int, int, int]:
@@ -248,12 +259,29 @@ class WebDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.data_stats = Counter(state_dict.get("data_stats", {}))
-        if self.resume == "exact" and "epoch_batches" in state_dict:
-            self.restart_index = int(state_dict["restart_index"])
+        restart_index = int(state_dict["restart_index"])
+        if restart_index < self.crashes.restart_index:  # skipping the crash's samples did not help: a fresh stream
+            self.restart_index = self.crashes.restart_index
+            log.warning("data stream restarts with restart_index=%d after repeated loader crashes", self.restart_index)
+        elif self.resume == "exact" and "epoch_batches" in state_dict:
+            self.restart_index = restart_index
             self._resume_at = (int(state_dict["epoch"]), int(state_dict["epoch_batches"]))
         else:
-            self.restart_index = int(state_dict["restart_index"]) + 1
+            self.restart_index = restart_index + 1
             log.info("data stream restarts with restart_index=%d", self.restart_index)
+
+    def on_exception(self, exception: BaseException) -> None:
+        """A loader worker that died outside Python: record what it was reading, so the next attempt skips it."""
+        pids = dead_worker_pids(exception)
+        if pids is None or self.trainer is None or self.train_set is None:
+            return
+        in_flight = self.train_set.in_flight
+        suspects = in_flight.suspects(pids) if in_flight is not None else []
+        self.crashes.add(suspects, self.restart_index, f"{type(exception).__name__}: {exception}")
+        path = self.crashes.write(self.trainer.default_root_dir)
+        log.error("a loader worker died while reading %s; the next attempt skips %s (%s)",
+                  ", ".join(suspects) or "no sample (between samples)",
+                  "them" if suspects else "to a fresh stream", path)
 
 
 class DataStatsMonitor(L.Callback):

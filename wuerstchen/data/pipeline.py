@@ -18,9 +18,11 @@ and resamples. Batches form from plans, so a resumed pass replays the batches it
 
 from __future__ import annotations
 
+import ctypes
 import io
 import json
 import logging
+import multiprocessing
 import os
 import random
 from collections import Counter
@@ -171,6 +173,33 @@ def _with_tail_counts(batches: Iterator[dict[str, Any]], counter: RejectCounter)
         yield last
 
 
+class InFlight:
+    """The sample each loader worker is reading right now, kept in memory shared with the training process, so that
+    when a worker dies outside Python (a decoder's segfault, the OOM killer) the training process can name the sample
+    it died on (:meth:`suspects`). One fixed slot of ``SLOT_BYTES`` per worker; a note is one memory copy."""
+
+    SLOTS, SLOT_BYTES = 64, 1024
+
+    def __init__(self) -> None:
+        self._buffer = multiprocessing.RawArray(ctypes.c_char, self.SLOTS * self.SLOT_BYTES)  # inherited by workers
+
+    def note(self, slot: int, where: str) -> None:
+        data = f"{os.getpid()}\t{where}".encode("utf-8", "replace")[: self.SLOT_BYTES - 1] + b"\0"
+        start = (slot % self.SLOTS) * self.SLOT_BYTES
+        self._buffer[start:start + len(data)] = data
+
+    def suspects(self, pids: set[int] | None = None) -> list[str]:
+        """The samples in flight, of the workers with these pids (all workers when None or when none matches)."""
+        notes = []
+        for slot in range(self.SLOTS):
+            raw = bytes(self._buffer[slot * self.SLOT_BYTES:(slot + 1) * self.SLOT_BYTES]).split(b"\0", 1)[0]
+            if b"\t" in raw:
+                pid, where = raw.decode("utf-8", "replace").split("\t", 1)
+                notes.append((int(pid), where))
+        chosen = [where for pid, where in notes if pids and pid in pids]
+        return chosen or [where for _, where in notes]
+
+
 @dataclass
 class Planned:
     """A sample that passed every check made without decoding, and what decoding it needs."""
@@ -237,6 +266,9 @@ class WebImageTextDataset(IterableDataset):
         read_timeout: seconds a ``pipe:`` shard may send nothing before it counts as ``stalled_shard``.
         seed, rank, world_size: stream identity; ``restart_index``, ``epoch`` and ``skip_batches`` are set per pass.
 
+    ``skip_keys`` (``"KEY in SHARD"``) are rejected as ``bad_sample`` without being read: the samples a loader worker
+    died on in an earlier attempt (``in_flight``, an :class:`InFlight` the loader sets, records what each worker reads).
+
     ``skip_batches`` resumes a pass at an exact position. Worker ids are rotated so the batches after the skipped ones
     come in the same worker order as in the uninterrupted pass, and each worker replays its share of the skipped
     batches from plans alone: it reads the tar members, makes every check and random draw a sample would make, reads
@@ -278,6 +310,9 @@ class WebImageTextDataset(IterableDataset):
         self.restart_index = 0
         self.epoch = 0
         self.skip_batches = 0
+        self.skip_keys: frozenset[str] = frozenset()
+        self.in_flight: InFlight | None = None
+        self._slot = 0
 
     def __len__(self) -> int:
         if self.num_batches is None:
@@ -291,6 +326,7 @@ class WebImageTextDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        self._slot = worker
         # The loader takes batches round-robin from worker 0 on: after k skipped batches, the next one belongs to
         # the uninterrupted pass's worker k % num_workers, so loader worker w plays that pass's worker (w + k) % n.
         worker = (worker + self.skip_batches) % num_workers
@@ -336,6 +372,11 @@ class WebImageTextDataset(IterableDataset):
     def _plan_or_reject(self, raw: dict[str, Any], rng: random.Random, counter: RejectCounter) -> Planned | None:
         shard = raw.get("__url__")
         where = f"{raw.get('__key__')} in {shard}"
+        if where in self.skip_keys:
+            counter.reject("bad_sample", f"{where}: a loader worker died reading it in an earlier attempt", shard=shard)
+            return None
+        if self.in_flight is not None:
+            self.in_flight.note(self._slot, where)
         try:
             return self._plan(raw, rng)
         except Rejected as rejected:
@@ -385,6 +426,8 @@ class WebImageTextDataset(IterableDataset):
 
     def _render_error(self, planned: Planned) -> Exception | None:
         """Render in place; the exception it raised, if any."""
+        if self.in_flight is not None:
+            self.in_flight.note(self._slot, planned.where)
         try:
             planned.outputs = self._render(planned)
         except Exception as exn:

@@ -18,6 +18,7 @@ into ``checkpoints/unreadable/`` and the previous one is used, so a requeued job
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -264,6 +265,8 @@ class RunLock:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
+            with contextlib.suppress(OSError):  # a run that stopped before it saved anything leaves no empty folder
+                self.path.parent.rmdir()
 
 
 # ------------------------------------------------------------------------------------------------- rank agreement

@@ -1,0 +1,72 @@
+"""Samples that kill a loader worker outside Python (a decoder's segfault, the OOM killer) are not read again.
+
+Every per-sample Python exception is caught and counted in the stream itself; a worker that dies of a signal takes
+the run with it instead. An exact resume would then read the same sample again and die again on every requeue. So
+when the training process sees a worker die, it records the samples the dead worker was reading (the stream's
+:class:`~wuerstchen.data.pipeline.InFlight` notes) in ``<run_dir>/data_crash.json``; the next attempt skips them
+(``bad_sample``) and still resumes exactly. If the same crash comes back with nothing new to skip (the worker died
+between two samples, while reading the shard itself), the next attempt draws a fresh stream instead
+(``restart_index + 1``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CRASH_FILE = "data_crash.json"
+_DIED = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\) (?:exited unexpectedly|is killed by signal)")
+
+
+def dead_worker_pids(exception: BaseException) -> set[int] | None:
+    """The pids of the loader workers an exception reports dead, or None when it reports no such death."""
+    match = _DIED.search(str(exception)) if isinstance(exception, RuntimeError) else None
+    if match is None:
+        return None
+    return {int(pid) for pid in re.findall(r"\d+", match.group(1))}
+
+
+@dataclass
+class LoaderCrashes:
+    """The record of loader-worker deaths of one run directory: the samples to skip, and the restart index the next
+    attempt must use at least."""
+
+    skip_keys: set[str] = field(default_factory=set)
+    restart_index: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @classmethod
+    def read(cls, run_dir: str | os.PathLike) -> "LoaderCrashes | None":
+        path = Path(run_dir) / CRASH_FILE
+        try:
+            record = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exn:
+            log.warning("ignoring unreadable %s: %s", path, exn)
+            return None
+        return cls(set(record.get("skip_keys", [])), int(record.get("restart_index", 0)),
+                   list(record.get("errors", [])))
+
+    def add(self, suspects: list[str], restart_index: int, error: str) -> None:
+        """Record a death while the stream ran with ``restart_index``, reading ``suspects``."""
+        new = set(suspects) - self.skip_keys
+        self.skip_keys |= new
+        # nothing new to skip: skipping did not help, so the next attempt reads another stream
+        self.restart_index = max(self.restart_index, restart_index + (0 if new else 1))
+        self.errors.append(error[:500])
+
+    def write(self, run_dir: str | os.PathLike) -> Path:
+        path = Path(run_dir) / CRASH_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{CRASH_FILE}.{os.getpid()}.partial")
+        tmp.write_text(json.dumps({"skip_keys": sorted(self.skip_keys), "restart_index": self.restart_index,
+                                   "errors": self.errors[-20:]}, indent=1))
+        os.replace(tmp, path)
+        return path
