@@ -8,7 +8,7 @@ finished checkpoint for the tiny and the paper-size Stage C.
 - ``checkpoint``: the bytes a Stage C checkpoint holds (fp32 weights, their EMA, AdamW's two moments; counted from
   the network built on the meta device), and the time ``torch.save`` + fsync takes to write it into ``--dir``.
   Presets up to ``--measure-up-to`` parameters are written for real, larger ones are projected from the bandwidth
-  the largest real write reached. The signal lands at a random moment of a step, so signal-to-checkpoint is at
+  of the largest real write. The signal lands at a random moment of a step, so signal-to-checkpoint is at
   most one step more than this (plus the agreement); with FSDP each rank writes only its shard.
 """
 
@@ -85,14 +85,15 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"agreement: {agreement_us(args.steps):.0f} us per optimizer step (2 gloo ranks, this machine)")
-    rows, bandwidth = [], None
+    rows, bandwidth, largest = [], None, 0
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         for preset in args.presets:
             params = sum(p.numel() for p in stage_c(preset, "meta").parameters())
             gigabytes = 4 * params * 4 / 1e9  # fp32 weights + EMA + 2 AdamW moments
             if params <= args.measure_up_to:
                 seconds = write_seconds(checkpoint_state(stage_c(preset, "cpu")), Path(tmp))
-                bandwidth = max(bandwidth or 0.0, gigabytes / seconds)
+                if params > largest:  # small writes end in the page cache's burst: project from the largest
+                    bandwidth, largest = gigabytes / seconds, params
                 how = "measured"
             else:
                 seconds = gigabytes / bandwidth if bandwidth else float("nan")
