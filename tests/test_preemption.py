@@ -66,52 +66,14 @@ def test_signal_to_the_process_group_saves_once_and_the_rerun_finishes(shards: P
     assert not (run_dir / "checkpoints" / ".lock").exists()
 
 
-SIGNAL_DURING = """
-import os, runpy, signal, sys, time
-where = os.environ["SIGNAL_DURING"]
-
-def send_once(*args, **kwargs):
-    if not os.environ.get("SIGNAL_SENT"):
-        os.environ["SIGNAL_SENT"] = "1"
-        os.killpg(os.getpgrp(), signal.SIGUSR1)  # the training process and its loader workers
-        time.sleep(0.5)
-
-if where == "validation":
-    from wuerstchen.training.stage_a import StageAModule
-    original_val = StageAModule.validation_step
-    def validation_step(self, *args, **kwargs):
-        send_once()
-        return original_val(self, *args, **kwargs)
-    StageAModule.validation_step = validation_step
-elif where == "save":
-    import lightning.fabric.plugins.io.torch_io as torch_io
-    original_save = torch_io._atomic_save
-    def dying_save(checkpoint, filepath):
-        if checkpoint["global_step"] >= 4:
-            send_once()
-        original_save(checkpoint, filepath)
-    torch_io._atomic_save = dying_save
-elif where == "setup":
-    from wuerstchen.data.datamodule import WebDataModule
-    original_loader = WebDataModule.train_dataloader
-    def train_dataloader(self):
-        send_once()
-        return original_loader(self)
-    WebDataModule.train_dataloader = train_dataloader
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
 @pytest.mark.parametrize("where", ["validation", "save", "setup"])
 def test_a_signal_at_an_awkward_moment_ends_the_same_way(shards: Path, tmp_path: Path, where: str) -> None:
     run_dir = tmp_path / "run"
-    wrapper = tmp_path / "signal_during.py"
-    wrapper.write_text(SIGNAL_DURING)
     args = overrides(shards, run_dir)
-    process = subprocess.run([sys.executable, str(wrapper), str(ROOT / "scripts" / "train.py"), *args], cwd=ROOT,
-                             capture_output=True, text=True, timeout=300, start_new_session=True,
-                             env={**os.environ, "HF_HUB_OFFLINE": "1", "SIGNAL_DURING": where})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SIGNAL_AT": where, "SIGNAL_HOW": "killpg", "SIGNAL_SAVE_STEP": "4"}
+    process = subprocess.run([sys.executable, str(ROOT / "tests" / "signal_at.py"), str(ROOT / "scripts" / "train.py"),
+                              *args], cwd=ROOT, capture_output=True, text=True, timeout=300, start_new_session=True,
+                             env=env)
     log = output(process)
     assert process.returncode == 128 + signal.SIGUSR1, log[-3000:]
     assert "Traceback" not in log and "killed by signal" not in log, log[-3000:]

@@ -113,52 +113,12 @@ def job_field(env: dict[str, str], job: str, field: str) -> str:
     return match.group(1) if match else ""
 
 
-# Slurm's own signal from inside the job at the moment named by SIGNAL_AT, in the first attempt only: a wrapper around
-# scripts/train.py, run by the sbatch template as its WUERSTCHEN_PYTHON.
-INJECT = """
-import os, runpy, subprocess, sys, time
-where = os.environ.get("SIGNAL_AT", "")
-first_attempt = os.environ.get("SLURM_RESTART_COUNT", "0") == "0"
-
-def preempt():
-    if first_attempt and not os.environ.get("SIGNAL_SENT"):
-        os.environ["SIGNAL_SENT"] = "1"
-        subprocess.run(["scancel", "--signal=USR1", os.environ["SLURM_JOB_ID"]], check=True)
-        time.sleep(3)  # the signal lands while this phase is still running
-
-def before(cls, name, condition=lambda *a: True):
-    original = getattr(cls, name)
-    def wrapped(*args, **kwargs):
-        if condition(*args):
-            preempt()
-        return original(*args, **kwargs)
-    setattr(cls, name, wrapped)
-
-if where == "validation":
-    from wuerstchen.training.stage_a import StageAModule
-    before(StageAModule, "validation_step")
-elif where == "save":
-    import lightning.fabric.plugins.io.torch_io as torch_io
-    original_save = torch_io._atomic_save
-    def save(checkpoint, filepath):
-        if checkpoint["global_step"] >= 8:
-            preempt()
-        original_save(checkpoint, filepath)
-    torch_io._atomic_save = save
-elif where == "setup":
-    from wuerstchen.data.datamodule import WebDataModule
-    before(WebDataModule, "train_dataloader")
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
 @dataclass
 class Job:
     name: str
     steps: int
     overrides: list[str]
-    signal_at: str = ""             # an INJECT moment, or "" for `scancel --signal=USR1` from outside
+    signal_at: str = ""             # a tests/signal_at.py moment, or "" for `scancel --signal=USR1` from the test
     signal_after: int = 0           # outside signal: once a checkpoint at this step exists
     first_step: int = 0             # steps before this one were trained before the job (ckpt_path=...)
     id: str = ""
@@ -168,10 +128,11 @@ class Job:
 
 
 def submit(env: dict[str, str], tmp_path: Path, job: Job, shards: Path) -> None:
+    # the template's WUERSTCHEN_PYTHON: scripts/train.py under tests/signal_at.py, which asks Slurm for SIGUSR1 to
+    # the whole job step at the job's moment (SIGNAL_AT), in its first attempt only
     wrapper = tmp_path / "python"
-    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {tmp_path / 'inject.py'} \"$@\"\n")
+    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {ROOT / 'tests' / 'signal_at.py'} \"$@\"\n")
     wrapper.chmod(0o755)
-    (tmp_path / "inject.py").write_text(INJECT)
     overrides = ["experiment=demo_stage_a", "stage.stage_a.c_hidden=16", f"data.image_size={SIZE}",
                  f"data.urls={shards / 'train'}", f"data.val_urls={shards / 'val'}", "data.val_batches=2",
                  "data.num_workers=2", f"trainer.max_steps={job.steps}", "trainer.log_every_n_steps=1",
@@ -181,7 +142,8 @@ def submit(env: dict[str, str], tmp_path: Path, job: Job, shards: Path) -> None:
     submitted = subprocess.run(
         ["sbatch", "--parsable", f"--job-name={job.name}", "--ntasks-per-node=1", "--cpus-per-task=1",
          "--gpus-per-node=0", "--mem=0", "--time=30", str(ROOT / "slurm" / "train.sbatch"), *overrides],
-        env={**env, "WUERSTCHEN_PYTHON": str(wrapper), "SIGNAL_AT": job.signal_at}, cwd=tmp_path,
+        env={**env, "WUERSTCHEN_PYTHON": str(wrapper), "SIGNAL_AT": job.signal_at, "SIGNAL_HOW": "scancel",
+             "SIGNAL_SAVE_STEP": "8"}, cwd=tmp_path,
         capture_output=True, text=True)
     assert submitted.returncode == 0, submitted.stderr
     job.id = submitted.stdout.strip().split(";")[0]

@@ -63,7 +63,9 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file's contents, or a folder's entries, to stable storage (best effort: some file systems refuse
+    fsync on a folder, and the rename that publishes a checkpoint is atomic either way)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -71,27 +73,17 @@ def _fsync_dir(path: Path) -> None:
     try:
         os.fsync(fd)
     except OSError:
-        pass  # some filesystems refuse fsync on a directory; the rename is still atomic
+        pass
     finally:
         os.close(fd)
 
 
 def _fsync_tree(path: Path) -> None:
     """Flush a checkpoint's file contents (every file of a folder) to stable storage before it is published."""
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    for file in files:
-        try:
-            fd = os.open(file, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+    for file in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+        _fsync(file)
     if path.is_dir():
-        _fsync_dir(path)
+        _fsync(path)
 
 
 def rng_states() -> dict[str, Any]:
@@ -243,7 +235,7 @@ class Checkpointing(Checkpoint):
             _remove(final)  # re-saving a step (a resumed run that stopped at the same step)
             os.replace(partial, final)
             self._link_last(final)
-            _fsync_dir(self.dirpath)
+            _fsync(self.dirpath)
             self._prune()
             self._record_lineage(final)
         trainer.strategy.barrier("Checkpointing.save_now:after")
