@@ -16,6 +16,7 @@ requeue``): re-running the same command continues it.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import sys
 from pathlib import Path
@@ -24,13 +25,13 @@ import hydra
 import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from wuerstchen.training.checkpointing import Checkpointing, find_resume_checkpoint
 from wuerstchen.training.preemption import Preemption
 from wuerstchen.training.resume import PLAN_ENV, ResumePlan, RunLock, agree_on_plan
 from wuerstchen.weights import checkpoint_info
+from wuerstchen.weights.formats import clear_cache
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,11 @@ def resume_plan(cfg: DictConfig, checkpointing: Checkpointing | None, lock: RunL
     """Where this attempt starts (rank 0 takes ``lock`` and decides, the other ranks follow; see
     ``resume.agree_on_plan``)."""
     dirpath = lock.path.parent
-    if not cfg.ckpt_path and not cfg.resume and (found := find_resume_checkpoint(dirpath)) is not None:
+    requeued = int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0  # its own checkpoints: it must continue them
+    if not cfg.ckpt_path and not cfg.resume and not requeued and (found := find_resume_checkpoint(dirpath)):
         raise ValueError(f"run_dir={cfg.run_dir} already holds checkpoints ({found.name}); resume=true continues "
                          f"that run, or choose a new run_dir")
-    return agree_on_plan(dirpath, str(cfg.ckpt_path) if cfg.ckpt_path else None, rank_zero_only.rank, lock)
+    return agree_on_plan(dirpath, str(cfg.ckpt_path) if cfg.ckpt_path else None, lock)
 
 
 def build_trainer(cfg: DictConfig, module: L.LightningModule, callbacks: list[L.Callback],
@@ -86,6 +88,9 @@ def main(cfg: DictConfig) -> None:
         torch.backends.cudnn.allow_tf32 = True
     log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    preemption = next((c for c in callbacks if isinstance(c, Preemption)), None)
+    if preemption is not None:
+        preemption.install()  # from now on until exit a SIGUSR1/SIGTERM only sets its flag
     datamodule = hydra.utils.instantiate(cfg.data)  # config errors stop the run before it touches run_dir
     module = hydra.utils.instantiate(cfg.stage)
     checkpointing = next((c for c in callbacks if isinstance(c, Checkpointing)), None)
@@ -97,11 +102,13 @@ def main(cfg: DictConfig) -> None:
         if checkpointing is not None:
             checkpointing.resume_from(plan)
         trainer = build_trainer(cfg, module, callbacks, plan.path)
+        clear_cache()  # the frozen networks hold their weights now: drop the memory maps of the files read
         trainer.fit(module, datamodule=datamodule, ckpt_path=plan.path)
     finally:
         lock.release()
         os.environ.pop(PLAN_ENV, None)  # only for the ranks Lightning launched from this process
-    preemption = next((c for c in callbacks if isinstance(c, Preemption)), None)
+        for worker in multiprocessing.active_children():  # loader workers ignore SIGTERM: don't wait on one at exit
+            worker.kill()
     if preemption is not None and preemption.unfinished:
         signum = preemption.received or 0
         log.error("stopped at step %d by a signal and NOT requeued: nothing will continue this run by itself; "

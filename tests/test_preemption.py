@@ -98,3 +98,17 @@ def test_a_missing_scontrol_is_a_failed_requeue(tmp_path: Path, monkeypatch: pyt
     assert "scontrol not found on PATH: SLURM job 4242 was not requeued" in caplog.text
     monkeypatch.delenv("SLURM_JOB_ID")
     assert requeue_slurm_job() is False and "not inside a SLURM job" in caplog.text
+
+
+def test_a_signal_at_the_last_step_lets_the_run_finish(shards: Path, tmp_path: Path) -> None:
+    """The signal lands in step 4's save; the next step is the last one: the run ends there, finished, exit 0."""
+    run_dir = tmp_path / "run"
+    args = [*overrides(shards, run_dir), "trainer.max_steps=5"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SIGNAL_AT": "save", "SIGNAL_HOW": "killpg", "SIGNAL_SAVE_STEP": "4"}
+    process = subprocess.run([sys.executable, str(ROOT / "tests" / "signal_at.py"), str(ROOT / "scripts" / "train.py"),
+                              *args], cwd=ROOT, capture_output=True, text=True, timeout=300, start_new_session=True,
+                             env=env)
+    log = output(process)
+    assert process.returncode == 0, log[-3000:]
+    assert "NOT requeued" not in log and "received SIGUSR1" not in log
+    assert complete_checkpoints(run_dir / "checkpoints")[-1][0] == 5

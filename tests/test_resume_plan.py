@@ -43,7 +43,7 @@ def test_no_ckpt_path_continues_from_the_newest(tmp_path: Path) -> None:
     save(tmp_path, 10, [])
     newest = save(tmp_path, 20, [])
     plan = plan_resume(tmp_path)
-    assert plan.path == str(newest) and plan.lineage == [identity(newest)]
+    assert plan.path == str(newest) and plan.lineage == []  # a continuation adds no start point
     assert plan_resume(tmp_path / "empty").path is None
 
 
@@ -55,8 +55,30 @@ def test_ckpt_path_starts_the_first_attempt_and_later_ones_continue_its_branch(t
     save(run, 1100, first.lineage)  # what the first attempt wrote before it was requeued
     newest = save(run, 1200, first.lineage)
     again = plan_resume(run, str(source))  # the requeued attempt runs the same command
-    assert again.path == str(newest) and again.lineage == [identity(source), identity(newest)]
+    assert again.path == str(newest) and again.lineage == [identity(source)]
     assert steps(run) == [1100, 1200] and again.moved_aside == []
+    # the pretraining run pruned its checkpoint meanwhile: the next requeue still continues the fine-tune
+    source.unlink()
+    assert plan_resume(run, str(source)).path == str(newest)
+
+
+def test_naming_a_checkpoint_the_run_merely_resumed_from_rolls_back(tmp_path: Path) -> None:
+    save(tmp_path, 10, [])
+    resumed_from = save(tmp_path, 20, [])
+    save(tmp_path, 30, [])  # written by an attempt that resumed from step 20 without ckpt_path
+    os.symlink(checkpoint_name(30), tmp_path / "last.ckpt")
+    plan = plan_resume(tmp_path, str(resumed_from))
+    assert plan.path == str(resumed_from) and steps(tmp_path) == [10, 20]
+    assert [Path(p).name for p in plan.moved_aside] == [checkpoint_name(30)]
+    assert os.readlink(tmp_path / "last.ckpt") == checkpoint_name(20)  # no dangling link after the move
+
+
+def test_later_checkpoints_without_a_lineage_record_are_not_rolled_back_silently(tmp_path: Path) -> None:
+    start = save(tmp_path, 10, [])
+    torch.save({"global_step": 20, "pytorch-lightning_version": "2"}, tmp_path / checkpoint_name(20))  # no record
+    with pytest.raises(RuntimeError, match="no lineage record"):
+        plan_resume(tmp_path, str(start))
+    assert steps(tmp_path) == [10, 20]
 
 
 def test_rolling_back_moves_the_abandoned_branch_aside(tmp_path: Path) -> None:
@@ -86,6 +108,10 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous_one(tmp_path
     assert steps(tmp_path) == [10] and (tmp_path / "unreadable" / bad.name).is_file()
     with pytest.raises(ValueError, match="cannot be read"):
         plan_resume(tmp_path / "other", str(tmp_path / "unreadable" / bad.name))
+    # every checkpoint broken: stop rather than silently start the run afresh
+    good.write_bytes(b"")
+    with pytest.raises(RuntimeError, match="every checkpoint"):
+        plan_resume(tmp_path)
 
 
 def test_a_dry_run_decides_the_same_and_moves_nothing(tmp_path: Path) -> None:
@@ -100,24 +126,28 @@ def test_a_dry_run_decides_the_same_and_moves_nothing(tmp_path: Path) -> None:
 def test_the_run_lock_refuses_a_second_live_job_and_takes_over_a_dead_ones(tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    first = RunLock(tmp_path)
+    folder = tmp_path / "checkpoints"
+    first = RunLock(folder)
     first.acquire()
-    owner = json.loads((tmp_path / ".lock").read_text())
+    owner = json.loads((folder / ".lock").read_text())
     assert owner["pid"] == os.getpid()
     with pytest.raises(RuntimeError, match=r"in use by job None \(pid \d+ on"):
-        RunLock(tmp_path).acquire()
+        RunLock(folder).acquire()
     first.release()
+    assert not folder.exists()  # released, and the empty folder with it
+    folder.mkdir()
     # a lock left by a process that died (SIGKILL, node reboot) on this host is stale
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (tmp_path / ".lock").write_text(json.dumps({"host": owner["host"], "pid": int(dead.stdout), "job_id": None}))
-    second = RunLock(tmp_path)
+    (folder / ".lock").write_text(json.dumps({"host": owner["host"], "pid": int(dead.stdout), "job_id": None}))
+    second = RunLock(folder)
     second.acquire()
-    assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    assert json.loads((folder / ".lock").read_text())["pid"] == os.getpid()
     second.release()
     # a requeued attempt of the same SLURM job takes over its earlier attempt's lock
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    (tmp_path / ".lock").write_text(json.dumps({"host": "elsewhere", "pid": 1, "job_id": "4242"}))
-    RunLock(tmp_path).acquire()
+    folder.mkdir()
+    (folder / ".lock").write_text(json.dumps({"host": "elsewhere", "pid": 1, "job_id": "4242"}))
+    RunLock(folder).acquire()
 
 
 def test_a_larger_max_steps_moves_the_end_of_the_schedule(tmp_path: Path) -> None:

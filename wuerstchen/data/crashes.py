@@ -1,12 +1,12 @@
 """Samples that kill a loader worker outside Python (a decoder's segfault, the OOM killer) are not read again.
 
 Every per-sample Python exception is caught and counted in the stream itself; a worker that dies of a signal takes
-the run with it instead. An exact resume would then read the same sample again and die again on every requeue. So
-when the training process sees a worker die, it records the samples the dead worker was reading (the stream's
-:class:`~wuerstchen.data.pipeline.InFlight` notes) in ``<run_dir>/data_crash.json``; the next attempt skips them
-(``bad_sample``) and still resumes exactly. If the same crash comes back with nothing new to skip (the worker died
-between two samples, while reading the shard itself), the next attempt draws a fresh stream instead
-(``restart_index + 1``).
+the run with it instead, and an exact resume would read the same sample again and die again. So when the training
+process sees a worker die, it records the sample the dead worker was reading (the stream's
+:class:`~wuerstchen.data.pipeline.InFlight` notes) in ``<run_dir>/data_crash.json``; the next run of the same
+command (a resubmission: SLURM does not requeue a failed job) skips it (``bad_sample``) and still resumes exactly.
+When the worker died between samples (while reading the shard itself), or the same crash comes back with nothing new
+to skip, the next run draws a fresh stream instead (``restart_index + 1``).
 """
 
 from __future__ import annotations

@@ -277,8 +277,10 @@ class WebDataModule(L.LightningDataModule):
             return
         in_flight = self.train_set.in_flight
         suspects = in_flight.suspects(pids) if in_flight is not None else []
-        self.crashes.add(suspects, self.restart_index, f"{type(exception).__name__}: {exception}")
-        path = self.crashes.write(self.trainer.default_root_dir)
+        crashes = LoaderCrashes.read(self.trainer.default_root_dir) or self.crashes  # another rank's, meanwhile
+        crashes.skip_keys |= self.crashes.skip_keys
+        crashes.add(suspects, self.restart_index, f"{type(exception).__name__}: {exception}")
+        path = crashes.write(self.trainer.default_root_dir)
         log.error("a loader worker died while reading %s; the next attempt skips %s (%s)",
                   ", ".join(suspects) or "no sample (between samples)",
                   "them" if suspects else "to a fresh stream", path)
@@ -299,7 +301,8 @@ class DataStatsMonitor(L.Callback):
         datamodule = trainer.datamodule
         if not isinstance(datamodule, WebDataModule):
             return None
-        counts = torch.tensor([float(datamodule.data_stats[n]) for n in names], device=pl_module.device)
+        counts = torch.tensor([float(datamodule.data_stats[n]) for n in names], dtype=torch.float64,
+                              device=pl_module.device)  # exact beyond 2^24 samples
         counts = trainer.strategy.reduce(counts, reduce_op="sum")
         return dict(zip(names, counts.tolist()))
 

@@ -188,16 +188,19 @@ class InFlight:
         start = (slot % self.SLOTS) * self.SLOT_BYTES
         self._buffer[start:start + len(data)] = data
 
-    def suspects(self, pids: set[int] | None = None) -> list[str]:
-        """The samples in flight, of the workers with these pids (all workers when None or when none matches)."""
+    def clear(self, slot: int) -> None:
+        self._buffer[(slot % self.SLOTS) * self.SLOT_BYTES] = b"\0"
+
+    def suspects(self, pids: set[int]) -> list[str]:
+        """The samples the workers with these pids were reading ([] when they were between samples, or when the dead
+        worker was not one of this stream's)."""
         notes = []
         for slot in range(self.SLOTS):
             raw = bytes(self._buffer[slot * self.SLOT_BYTES:(slot + 1) * self.SLOT_BYTES]).split(b"\0", 1)[0]
             if b"\t" in raw:
                 pid, where = raw.decode("utf-8", "replace").split("\t", 1)
                 notes.append((int(pid), where))
-        chosen = [where for pid, where in notes if pids and pid in pids]
-        return chosen or [where for _, where in notes]
+        return [where for pid, where in notes if pid in pids]
 
 
 @dataclass
@@ -384,6 +387,9 @@ class WebImageTextDataset(IterableDataset):
             counter.reject(rejected.reason, detail, shard=shard, error=rejected.error)
         except Exception as exn:  # input that no step anticipated: the sample goes, the worker stays
             counter.reject("bad_sample", f"{where}: {describe(exn)}", shard=shard, error=exn)
+        finally:
+            if self.in_flight is not None:
+                self.in_flight.clear(self._slot)
         return None
 
     def _plan(self, raw: dict[str, Any], rng: random.Random) -> Planned:
@@ -432,6 +438,9 @@ class WebImageTextDataset(IterableDataset):
             planned.outputs = self._render(planned)
         except Exception as exn:
             return exn
+        finally:
+            if self.in_flight is not None:
+                self.in_flight.clear(self._slot)
         return None
 
     def _rendered(self, planned: Planned, counter: RejectCounter) -> bool:

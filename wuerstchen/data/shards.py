@@ -9,7 +9,7 @@ import io
 import logging
 import os
 import random
-import select
+import selectors
 import signal
 import subprocess
 import tarfile
@@ -134,7 +134,9 @@ class PipeStream(io.RawIOBase):
         if self._stalled is not None:  # tarfile reads on after a failed member; fail at once, not one timeout more
             raise self._stalled
         fd = self.proc.stdout.fileno()
-        ready, _, _ = select.select([fd], [], [], self.read_timeout)
+        with selectors.DefaultSelector() as selector:  # epoll: any fd number (select() stops at 1024)
+            selector.register(fd, selectors.EVENT_READ)
+            ready = selector.select(self.read_timeout)
         if not ready:
             self._stalled = StalledShardError(f"{self.url}: no data for {self.read_timeout:g} s (data.read_timeout); "
                                               f"the command was stopped")

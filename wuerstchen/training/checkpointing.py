@@ -1,5 +1,5 @@
 """Checkpoints that survive preemption and crashes: atomic, fsynced step checkpoints, a ``last`` link, pruning that
-spares the live branch, RNG state, and the run directory's lock (where a run resumes from: ``resume.py``).
+spares an attempt's start points, RNG state, and the run directory's lock (where a run resumes from: ``resume.py``).
 
 Layout under ``<run_dir>/checkpoints``::
 
@@ -29,7 +29,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.loggers import WandbLogger
 
-from .resume import RunLock, ResumePlan, identity, read_lineages, write_lineages
+from .resume import RunLock, ResumePlan, read_lineages, write_lineages
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +78,18 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(path: Path) -> None:
-    """Flush a checkpoint's file contents (every file of a folder) to stable storage before it is published."""
-    for file in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
-        _fsync(file)
-    if path.is_dir():
+def _fsync_tree(path: Path, rank: int) -> None:
+    """Flush what this rank wrote of a checkpoint to stable storage before it is published: a sharded folder's
+    ``__<rank>_*.distcp`` shards, and on rank 0 everything else (the single file, the metadata, the folder)."""
+    if path.is_file():
+        if rank == 0:
+            _fsync(path)
+        return
+    for file in (p for p in path.rglob("*") if p.is_file()):
+        shard_of = file.name[2:].split("_", 1)[0] if file.name.startswith("__") else None
+        if shard_of == str(rank) or (shard_of is None and rank == 0):
+            _fsync(file)
+    if rank == 0:
         _fsync(path)
 
 
@@ -229,15 +236,15 @@ class Checkpointing(Checkpoint):
         self.last_saved_step = step  # part of the checkpoint's own callback state
         trainer.save_checkpoint(partial)  # collective; returns once every rank has written its part
         if partial.exists():
-            _fsync_tree(partial)  # every rank flushes what it wrote (the shards of a sharded checkpoint)
+            _fsync_tree(partial, trainer.global_rank)  # every rank flushes what it wrote
         trainer.strategy.barrier("Checkpointing.save_now:written")
         if trainer.is_global_zero:
+            self._record_lineage(final)  # before it is published: a kill in between leaves no unindexed checkpoint
             _remove(final)  # re-saving a step (a resumed run that stopped at the same step)
             os.replace(partial, final)
             self._link_last(final)
             _fsync(self.dirpath)
             self._prune()
-            self._record_lineage(final)
         trainer.strategy.barrier("Checkpointing.save_now:after")
         self.last_path = final
         log.info("saved checkpoint %s", final)
@@ -254,16 +261,18 @@ class Checkpointing(Checkpoint):
 
     def _prune(self) -> None:
         """Delete all but the newest ``keep_last``, never the checkpoint this attempt started from (if a newer one
-        proves unreadable, the resume falls back to it). Other branches were moved aside when the run started."""
+        proves unreadable, the resume falls back to it) nor an explicit start point (``ckpt_path``) of the live
+        branch. Other branches were moved aside when the run started."""
         if self.keep_last is None:
             return
-        start = identity(self.plan.path) if self.plan.path else None
+        kept = set(self.plan.lineage) | ({self.plan.path} if self.plan.path else set())
+        kept = {name for path in kept for name in (os.path.abspath(path), os.path.realpath(path))}
         for _, path in complete_checkpoints(self.dirpath)[: -self.keep_last]:
-            if identity(path) != start:
+            if not {os.path.abspath(path), os.path.realpath(path)} & kept:
                 _remove(path)
 
     def _record_lineage(self, final: Path) -> None:
-        present = {p.name for _, p in complete_checkpoints(self.dirpath)}
+        present = {p.name for _, p in complete_checkpoints(self.dirpath)} | {final.name}
         lineages = {name: chain for name, chain in read_lineages(self.dirpath).items() if name in present}
         lineages[final.name] = list(self.plan.lineage)
         write_lineages(self.dirpath, lineages)

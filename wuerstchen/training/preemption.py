@@ -2,9 +2,11 @@
 a ``scontrol requeue``, and a clean exit, wherever the signal lands.
 
 Who sees the signal. Slurm signals every process of a job step: the training ranks, their data loader workers and any
-``pipe:`` command the workers run. The ranks only set a flag (their handler is installed in ``setup``, before the
-first loader forks, so a signal during checkpoint loading, the exact-resume skip or the first step is caught);
-loader workers ignore both signals (``data.datamodule.loader_worker_init``), so none of them dies and takes the run with it.
+``pipe:`` command the workers run. The ranks only set a flag: ``scripts/train.py`` installs the handler
+(:meth:`Preemption.install`) before it builds anything, and it stays until the process exits, so a signal during
+set-up, checkpoint loading, the exact-resume skip or the shutdown is caught. Loader workers ignore both signals
+(``data.datamodule.loader_worker_init``) and ``pipe:`` commands run in a session of their own, so none of them dies
+and takes the run with it.
 
 Lightning's own SIGTERM handling is switched off while this callback runs: it runs a collective inside the signal
 handler and raises ``SIGTERMException`` at the end of the batch, which ends the run without a checkpoint or requeue.
@@ -41,12 +43,15 @@ class Preemption(L.Callback):
     together, rank 0 runs ``scontrol requeue`` (``requeue: true`` inside a SLURM job), and the run stops.
 
     - The ranks agree (one scalar all-reduce) every ``check_every_n_steps`` optimizer steps, and once before the
-      first step (a signal during set-up, checkpoint loading or the resume skip stops the run before it trains).
+      first step: a signal during set-up or checkpoint loading stops the run before it trains. (The exact-resume
+      skip runs in the loader workers while the first batch is awaited, after that check: a signal then stops the
+      run after its first step.)
     - A run that stops skips the validation pass Lightning would otherwise run first; a signal during validation or
-      during a checkpoint save is acted on at the next step boundary.
-    - After a successful requeue the handler stays installed, so Slurm's SIGTERM to the requeued job step lands
-      while the process shuts down and it exits 0. ``scripts/train.py`` exits non-zero when a stopped run was not
-      requeued (:attr:`unfinished`), so a job never shows COMPLETED unfinished.
+      during a checkpoint save is acted on at the next step boundary. A signal at the last step changes nothing:
+      the run ends there anyway, with its final checkpoint.
+    - The handler stays installed after training, so Slurm's SIGTERM to a requeued job step lands while the process
+      shuts down and it exits 0. ``scripts/train.py`` exits non-zero when a stopped run was not requeued
+      (:attr:`unfinished`), so a job never shows COMPLETED unfinished.
     """
 
     def __init__(self, signals: tuple[str, ...] = ("SIGUSR1", "SIGTERM"), requeue: bool = True,
@@ -60,7 +65,6 @@ class Preemption(L.Callback):
         self.stopping = False
         self.requeued = False
         self.stopped_at: int | None = None
-        self._previous: dict[int, Any] = {}
         self._step = -1
 
     def _handler(self, signum: int, frame: Any) -> None:
@@ -72,20 +76,16 @@ class Preemption(L.Callback):
         return self.stopping and not self.requeued
 
     # -- hooks ------------------------------------------------------------------------------------------------------
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit" or self._previous:
-            return
+    def install(self) -> None:
+        """Set the flag-only handler for the configured signals (idempotent); it stays until the process exits."""
         for signum in self.signals:
-            self._previous[signum] = signal.getsignal(signum)
-            signal.signal(signum, self._handler)
-        trainer._signal_connector = _SignalsHandledByPreemption(trainer)
+            if signal.getsignal(signum) != self._handler:
+                signal.signal(signum, self._handler)
 
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self.requeued:
-            return  # Slurm's SIGTERM for the requeue may still come: keep only setting the flag until exit
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.install()  # already done by scripts/train.py; here for trainers built elsewhere
+            trainer._signal_connector = _SignalsHandledByPreemption(trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._step = trainer.global_step
@@ -111,7 +111,9 @@ class Preemption(L.Callback):
 
     # -- the decision -----------------------------------------------------------------------------------------------
     def _check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.stopping or not self._agreed(trainer, pl_module):
+        if self.stopping or 0 < (trainer.max_steps or -1) <= trainer.global_step:
+            return  # the last step: the run ends here with its final checkpoint, finished, whatever arrived
+        if not self._agreed(trainer, pl_module):
             return
         what = signal.Signals(self.received).name if self.received is not None else "a signal on another rank"
         from .checkpointing import Checkpointing  # checkpointing imports nothing from here

@@ -1,9 +1,10 @@
 """Which checkpoint a run continues from, and who may write a run directory.
 
-Lineage. Every run attempt starts from a checkpoint (or from scratch), and the checkpoints it writes remember the
-chain of start points behind them: ``lineage = lineage(start) + [start]``, kept in ``checkpoints/lineage.json``
-next to the checkpoints, so deciding needs no checkpoint to be opened. A checkpoint *descends* from X when X is in
-its lineage. With that:
+Lineage. The checkpoints a run writes remember the explicit start points (the ``ckpt_path`` values) behind them:
+an attempt started with ``ckpt_path=X`` writes ``lineage(X) + [X]``, an attempt that merely continues a checkpoint
+keeps that checkpoint's lineage. It is kept in ``checkpoints/lineage.json`` next to the checkpoints (and inside each
+checkpoint), so deciding needs no checkpoint to be opened. A checkpoint *descends* from X when X is in its lineage;
+X is named by its absolute path as given (``.../last.ckpt`` stays the same name however the link moves). With that:
 
 - no ``ckpt_path``: the run continues from its newest readable checkpoint (re-running a command resumes it);
 - ``ckpt_path=X``: X is where the first attempt starts. A requeued attempt, or any re-run, whose run directory holds
@@ -12,8 +13,10 @@ its lineage. With that:
   are moved aside into ``checkpoints/abandoned-<time>/`` (never deleted), so pruning and the next resume only see
   the live branch.
 
-A checkpoint that cannot be read (a node crashed while the file system still held part of it) is reported, moved
-into ``checkpoints/unreadable/`` and the previous one is used, so a requeued job does not die on it every time.
+A checkpoint whose file is truncated or structurally broken (a node crashed while the file system still held part of
+it) is reported, moved into ``checkpoints/unreadable/`` and the previous one is used, so a requeued job does not die
+on it every time. An I/O error while looking is raised, never taken for a broken checkpoint, and a run whose
+checkpoints are all broken stops instead of starting afresh.
 """
 
 from __future__ import annotations
@@ -38,8 +41,13 @@ LOCK_FILE = ".lock"
 
 
 def identity(path: str | os.PathLike) -> str:
-    """How lineages name a checkpoint: its absolute path with symlinks (``last.ckpt``) resolved."""
-    return os.path.realpath(path)
+    """How a lineage names a start point: its absolute path as given (symlinks such as ``last.ckpt`` kept)."""
+    return os.path.abspath(path)
+
+
+def _names(path: str | os.PathLike) -> set[str]:
+    """Every name a lineage may know a file by: as given, and with symlinks resolved."""
+    return {os.path.abspath(path), os.path.realpath(path)}
 
 
 # -------------------------------------------------------------------------------------------------------- lineage
@@ -63,10 +71,19 @@ def write_lineages(dirpath: str | os.PathLike, lineages: dict[str, list[str]]) -
     os.replace(tmp, index)
 
 
-def lineage_of(path: str | os.PathLike) -> list[str]:
-    """The lineage recorded for a checkpoint, looked up in the index of its own folder."""
-    real = Path(identity(path))
-    return read_lineages(real.parent).get(real.name, [])
+def lineage_of(path: str | os.PathLike, lineages: dict[str, list[str]] | None = None) -> list[str] | None:
+    """The lineage recorded for a checkpoint: in the index of its folder, else inside the checkpoint itself; None
+    when neither knows (a checkpoint from before lineages were recorded)."""
+    real = Path(os.path.realpath(path))
+    lineages = read_lineages(real.parent) if lineages is None else lineages
+    if real.name in lineages:
+        return lineages[real.name]
+    if real.is_file():
+        from ..weights import checkpoint_info
+
+        found = checkpoint_info(real).get("lineage")
+        return [str(x) for x in found] if isinstance(found, list) else None
+    return None
 
 
 # ------------------------------------------------------------------------------------------------------- validity
@@ -74,18 +91,18 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
     """Why a complete checkpoint cannot be loaded (truncated or empty), or None. Reads only the zip directory or the
     folder listing, not the tensors, so it costs milliseconds for checkpoints of any size."""
     path = Path(path)
-    if path.is_dir():  # torch distributed checkpoint: a .metadata file and per-rank shards
+    if path.is_dir():  # torch distributed checkpoint: a .metadata file and per-rank shards (not their contents)
         metadata = path / ".metadata"
         if not metadata.is_file() or metadata.stat().st_size == 0:
             return "its .metadata file is missing or empty"
         if not any(path.glob("*.distcp")):
             return "it holds no .distcp shard"
         return None
+    size = path.stat().st_size  # an I/O error here is the file system's, not the checkpoint's: raised
     try:
-        size = path.stat().st_size
         with zipfile.ZipFile(path) as archive:  # torch.save's format: the directory sits at the end of the file
             members = archive.infolist()
-    except (OSError, zipfile.BadZipFile, EOFError) as exn:
+    except (zipfile.BadZipFile, EOFError) as exn:
         return f"{type(exn).__name__}: {exn}"
     if not any(m.filename.endswith("/data.pkl") or m.filename == "data.pkl" for m in members):
         return "it holds no data.pkl"
@@ -122,7 +139,8 @@ def _move_aside(paths: list[Path], into: Path) -> list[str]:
 
 
 def _newest_readable(candidates: list[tuple[int, Path]], dirpath: Path, dry_run: bool) -> tuple[Path | None, list[str]]:
-    """The newest candidate that can be read; unreadable newer ones are moved into ``unreadable/``."""
+    """The newest candidate that can be read; broken newer ones are moved into ``unreadable/``. Raises when there were
+    candidates and every one is broken: starting afresh would silently drop the run."""
     moved: list[str] = []
     for _, path in reversed(candidates):
         problem = checkpoint_problem(path)
@@ -132,7 +150,20 @@ def _newest_readable(candidates: list[tuple[int, Path]], dirpath: Path, dry_run:
                   problem, dirpath / "unreadable")
         if not dry_run:
             moved += _move_aside([path], dirpath / "unreadable")
+    if candidates:
+        raise RuntimeError(f"every checkpoint in {dirpath} is broken (moved into {dirpath / 'unreadable'}): inspect "
+                           f"them, or choose ckpt_path= or a new run_dir")
     return None, moved
+
+
+def _relink_last(dirpath: Path) -> None:
+    """Point ``last.ckpt`` at the newest checkpoint left after moving some aside (or remove it if none is left)."""
+    link = dirpath / "last.ckpt"
+    if not link.is_symlink() or link.exists():
+        return
+    link.unlink()
+    if complete := _complete(dirpath):
+        os.symlink(complete[-1][1].name, link)
 
 
 def plan_resume(dirpath: str | os.PathLike, ckpt_path: str | None = None, dry_run: bool = False) -> ResumePlan:
@@ -141,38 +172,52 @@ def plan_resume(dirpath: str | os.PathLike, ckpt_path: str | None = None, dry_ru
     ``dry_run``: decide without moving anything (what every rank but the first computes to check agreement).
     """
     dirpath = Path(dirpath)
+    plan = _plan(dirpath, ckpt_path, dry_run)
+    if plan.moved_aside and not dry_run:
+        _relink_last(dirpath)
+    return plan
+
+
+def _plan(dirpath: Path, ckpt_path: str | None, dry_run: bool) -> ResumePlan:
     complete = _complete(dirpath)
     lineages = read_lineages(dirpath)
     if ckpt_path is None:
         path, moved = _newest_readable(complete, dirpath, dry_run)
         if path is None:
             return ResumePlan(None, moved_aside=moved)
-        return ResumePlan(str(path), lineages.get(path.name, []) + [identity(path)], moved, "the run's newest")
+        return ResumePlan(str(path), lineage_of(path, lineages) or [], moved, "the run's newest")
+    root = identity(ckpt_path)
+    known = {p: lineage_of(p, lineages) for _, p in complete}
+    descendants = [(step, p) for step, p in complete if root in (known[p] or [])]
+    if descendants:  # found before ckpt_path must exist: a requeued run's start may have been pruned since
+        path, moved = _newest_readable(descendants, dirpath, dry_run)
+        return ResumePlan(str(path), known[path], moved, f"the newest checkpoint descending from ckpt_path={ckpt_path}")
     start = Path(ckpt_path)
     if not start.exists():
         raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist")
     if (problem := checkpoint_problem(start)) is not None:
         raise ValueError(f"ckpt_path={ckpt_path} cannot be read: {problem}")
-    start_id = identity(start)
-    descendants = [(step, p) for step, p in complete if start_id in lineages.get(p.name, [])]
-    path, moved = _newest_readable(descendants, dirpath, dry_run)
-    if path is not None:
-        return ResumePlan(str(path), lineages[path.name] + [identity(path)], moved,
-                          f"the newest checkpoint descending from ckpt_path={ckpt_path}")
     start_step = _step_of(start)
-    abandoned = [p for step, p in complete if step > start_step and identity(p) != start_id]
-    if abandoned and not dry_run:
+    later = [p for step, p in complete if step > start_step and not (_names(p) & _names(start))]
+    unknown = [p.name for p in later if known[p] is None]
+    if unknown:
+        raise RuntimeError(
+            f"ckpt_path={ckpt_path}: {dirpath} holds later checkpoints with no lineage record ({', '.join(unknown)}), "
+            f"so it cannot tell whether they continue it. Drop ckpt_path= to resume from the newest, or move them "
+            f"away to roll back.")
+    moved: list[str] = []
+    if later and not dry_run:
         into = dirpath / time.strftime("abandoned-%Y%m%dT%H%M%S", time.gmtime())
-        moved += _move_aside(abandoned, into)
+        moved = _move_aside(later, into)
         log.warning("ckpt_path=%s rolls the run back to step %d: %d later checkpoints of the abandoned branch moved "
-                    "to %s", ckpt_path, start_step, len(abandoned), into)
-    return ResumePlan(str(start), lineage_of(start) + [start_id], moved, f"ckpt_path={ckpt_path}")
+                    "to %s", ckpt_path, start_step, len(later), into)
+    return ResumePlan(str(start), (lineage_of(start) or []) + [root], moved, f"ckpt_path={ckpt_path}")
 
 
 def _step_of(path: Path) -> int:
     from .checkpointing import STEP_PATTERN
 
-    if (match := STEP_PATTERN.match(Path(identity(path)).name)) is not None:
+    if (match := STEP_PATTERN.match(Path(os.path.realpath(path)).name)) is not None:
         return int(match.group(1))
     from ..weights import checkpoint_info
 
@@ -188,15 +233,15 @@ def slurm_job_id() -> str | None:
 
 
 def _slurm_job_alive(job: str) -> bool | None:
-    """Whether SLURM still runs ``job`` (None: cannot tell, no ``scontrol``)."""
+    """Whether SLURM still runs ``job`` (None: cannot tell, e.g. no ``scontrol`` or no answer from the controller)."""
     if shutil.which("scontrol") is None:
         return None
     try:
         out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    if out.returncode:  # "Invalid job id specified": long gone
-        return False
+    if out.returncode:
+        return False if "Invalid job id" in out.stderr else None  # long gone, or the controller did not answer
     return any(f"JobState={state}" in out.stdout for state in ("RUNNING", "COMPLETING", "SUSPENDED", "CONFIGURING"))
 
 
@@ -213,18 +258,17 @@ def _pid_alive(pid: int) -> bool:
 class RunLock:
     """``checkpoints/.lock``: one job at a time writes a run directory.
 
-    The file holds the owner's host, pid and SLURM job id. A lock is stale (and taken over) when it belongs to this
-    same SLURM job (a requeued attempt: SLURM never runs two attempts of a job at once), to a dead process on this
-    host, or to a SLURM job that no longer runs; otherwise :meth:`acquire` raises, naming the owner.
+    The file holds the owner's host, pid and SLURM job id; it appears atomically (written under a private name, then
+    hard-linked into place, which fails if it exists, also on NFS). A lock is stale when it belongs to this same SLURM
+    job (a requeued attempt: SLURM never runs two attempts of a job at once), to a dead process on this host, or to a
+    SLURM job that no longer exists; a stale lock is renamed away (only one contender can) and taken. Otherwise
+    :meth:`acquire` raises, naming the owner.
     """
 
     def __init__(self, dirpath: str | os.PathLike) -> None:
         self.path = Path(dirpath) / LOCK_FILE
         self.held = False
-
-    def _mine(self) -> dict[str, Any]:
-        return {"host": socket.gethostname(), "pid": os.getpid(), "job_id": slurm_job_id(),
-                "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self._mine = {"host": socket.gethostname(), "pid": os.getpid(), "job_id": slurm_job_id()}
 
     def _stale(self, owner: dict[str, Any]) -> bool:
         job = owner.get("job_id")
@@ -234,39 +278,54 @@ class RunLock:
             return True
         return job is not None and _slurm_job_alive(str(job)) is False
 
+    def _owner(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}
+
     def acquire(self) -> None:
         if self.held:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):  # second try after removing a stale lock
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+        mine = self.path.with_name(f"{LOCK_FILE}.{socket.gethostname()}.{os.getpid()}")
+        mine.write_text(json.dumps({**self._mine, "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
+        try:
+            for _ in range(5):
                 try:
-                    owner = json.loads(self.path.read_text() or "{}")
-                except (OSError, ValueError):
-                    owner = {}
+                    os.link(mine, self.path)
+                    self.held = True
+                    return
+                except FileExistsError:
+                    pass
+                owner = self._owner()
+                if owner is None:
+                    continue  # released meanwhile
                 if owner and not self._stale(owner):
                     raise RuntimeError(
                         f"run directory {self.path.parent.parent} is in use by job {owner.get('job_id')} (pid "
                         f"{owner.get('pid')} on {owner.get('host')}, since {owner.get('since')}): two jobs must not "
-                        f"write one run_dir. Choose another run_dir, or delete {self.path} if that job is gone."
-                    ) from None
+                        f"write one run_dir. Choose another run_dir, or delete {self.path} if that job is gone.")
                 log.warning("taking over the stale lock %s (%s)", self.path, owner or "unreadable")
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(self._mine(), f)
-            self.held = True
-            return
-        raise RuntimeError(f"could not take the lock {self.path}: another process keeps creating it")
+                with contextlib.suppress(FileNotFoundError):  # another contender renamed it first: try again
+                    os.replace(self.path, self.path.with_name(f"{LOCK_FILE}.stale.{os.getpid()}"))
+            raise RuntimeError(f"could not take the lock {self.path}: other processes keep taking it")
+        finally:
+            mine.unlink(missing_ok=True)
+            for stale in self.path.parent.glob(f"{LOCK_FILE}.stale.*"):
+                stale.unlink(missing_ok=True)
 
     def release(self) -> None:
-        if self.held:
+        if not self.held:
+            return
+        self.held = False
+        owner = self._owner()
+        if owner and {k: owner.get(k) for k in self._mine} == self._mine:  # never another job's lock
             self.path.unlink(missing_ok=True)
-            self.held = False
-            with contextlib.suppress(OSError):  # a run that stopped before it saved anything leaves no empty folder
-                self.path.parent.rmdir()
+        with contextlib.suppress(OSError):  # a run that stopped before it saved anything leaves no empty folder
+            self.path.parent.rmdir()
 
 
 # ------------------------------------------------------------------------------------------------- rank agreement
@@ -275,12 +334,26 @@ PLAN_FILE = ".resume_plan.json"
 
 
 def _attempt_key() -> str | None:
-    """A name every rank of this launch shares and no other launch has: the SLURM job and its restart count."""
+    """A name every rank of this launch shares and no other launch has: the SLURM job, its restart count and the
+    job step (several ``srun`` in one allocation)."""
     job = slurm_job_id()
-    return f"{job}/{os.environ.get('SLURM_RESTART_COUNT', '0')}" if job else None
+    if job is None:
+        return None
+    return f"{job}/{os.environ.get('SLURM_RESTART_COUNT', '0')}/{os.environ.get('SLURM_STEP_ID', '')}"
 
 
-def agree_on_plan(dirpath: str | os.PathLike, ckpt_path: str | None, rank: int, lock: RunLock,
+def is_rank_zero_from_env() -> bool:
+    """Whether this process is global rank 0 of its launch, from the launcher's environment (before any process
+    group): ``RANK`` (torchrun), else ``SLURM_PROCID`` for a multi-task srun step, else Lightning's own launcher's
+    ``NODE_RANK`` and ``LOCAL_RANK`` (its children have them; the process that launches them is rank 0)."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"]) == 0
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
+        return int(os.environ["SLURM_PROCID"]) == 0
+    return int(os.environ.get("NODE_RANK", "0")) == 0 and int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+
+def agree_on_plan(dirpath: str | os.PathLike, ckpt_path: str | None, lock: RunLock, rank_zero: bool | None = None,
                   timeout: float = 600.0) -> ResumePlan:
     """The resume plan of this launch, decided by rank 0 alone and followed by the others.
 
@@ -294,7 +367,9 @@ def agree_on_plan(dirpath: str | os.PathLike, ckpt_path: str | None, rank: int, 
     if os.environ.get(PLAN_ENV):
         return ResumePlan(**json.loads(os.environ[PLAN_ENV]))
     key = _attempt_key()
-    if rank == 0:
+    if rank_zero is None:
+        rank_zero = is_rank_zero_from_env()
+    if rank_zero:
         lock.acquire()
         plan = plan_resume(dirpath, ckpt_path)
         encoded = json.dumps(plan.__dict__)
@@ -315,5 +390,5 @@ def agree_on_plan(dirpath: str | os.PathLike, ckpt_path: str | None, rank: int, 
         if published.get("attempt") == key:
             return ResumePlan(**published["plan"])
         time.sleep(0.5)
-    raise TimeoutError(f"rank {rank}: rank 0 published no resume plan for attempt {key} in {dirpath / PLAN_FILE} "
-                       f"within {timeout:.0f} s")
+    raise TimeoutError(f"rank 0 published no resume plan for attempt {key} in {dirpath / PLAN_FILE} within "
+                       f"{timeout:.0f} s")

@@ -95,7 +95,7 @@ def torch_load(path: str | os.PathLike, mmap: bool = False) -> Any:
 
 class ReadOnce:
     """Checkpoints read once per process: ``read(path)`` is kept under the resolved path while the stamp of the files
-    behind it (mtime and size) is unchanged; a new checkpoint under the same name replaces the old entry. Only the
+    behind it (inode, mtime and size) is unchanged; a new checkpoint under the same name replaces the old entry. Only the
     ``max_entries`` most recently used are kept."""
 
     def __init__(self, read: Callable[[Path], Any], files: Callable[[Path], list[Path]],
@@ -105,7 +105,8 @@ class ReadOnce:
 
     def __call__(self, path: str | os.PathLike) -> Any:
         path = Path(path).resolve()
-        stamp = tuple(n for stat in map(os.stat, self.files(path)) for n in (stat.st_mtime_ns, stat.st_size))
+        stamp = tuple(n for stat in map(os.stat, self.files(path))
+                      for n in (stat.st_ino, stat.st_mtime_ns, stat.st_size))
         if path in self.entries and self.entries[path][0] == stamp:
             self.entries.move_to_end(path)
             return self.entries[path][1]
