@@ -23,8 +23,9 @@ def send_once() -> None:
     if os.environ.get("SIGNAL_SENT") or os.environ.get("SLURM_RESTART_COUNT", "0") != "0":
         return
     os.environ["SIGNAL_SENT"] = "1"
-    if HOW == "scancel":
-        subprocess.run(["scancel", "--signal=USR1", os.environ["SLURM_JOB_ID"]], check=True)
+    if HOW == "scancel":  # scancel runs inside the job step too: it must not die of the signal it asks for
+        subprocess.run(["scancel", "--signal=USR1", os.environ["SLURM_JOB_ID"]], check=True,
+                       preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))
         time.sleep(3)  # Slurm delivers it while this phase still runs
     else:
         os.killpg(os.getpgrp(), signal.SIGUSR1)

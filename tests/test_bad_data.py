@@ -8,6 +8,7 @@ import logging
 import os
 import struct
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -166,7 +167,16 @@ def test_a_stream_of_only_bad_shards_still_fails(one_bad_shard) -> None:
 STALL = "sleep 987.654"  # a command line no other process has, to find leftovers
 
 
-def leftover_stalls() -> list[int]:
+def leftover_stalls(wait: float = 5.0) -> list[int]:
+    """Live processes of the stalled commands, once SIGKILL had up to ``wait`` seconds to land (it is asynchronous:
+    the shell that was waited for can be gone while its ``sleep`` is still being killed)."""
+    deadline = time.monotonic() + wait
+    while (pids := _stall_pids()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return pids
+
+
+def _stall_pids() -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
         try:

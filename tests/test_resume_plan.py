@@ -116,11 +116,13 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous_one(tmp_path
 
 def test_a_dry_run_decides_the_same_and_moves_nothing(tmp_path: Path) -> None:
     start = save(tmp_path, 10, [])
-    save(tmp_path, 20, [identity(start)])
+    save(tmp_path, 20, [])  # a roll-back to step 10 moves this aside, but not in a dry run
     before = sorted(os.listdir(tmp_path))
     dry = plan_resume(tmp_path, str(start), dry_run=True)
-    assert sorted(os.listdir(tmp_path)) == before
-    assert dry.path == plan_resume(tmp_path, str(start)).path
+    assert sorted(os.listdir(tmp_path)) == before and dry.moved_aside == []
+    real = plan_resume(tmp_path, str(start))
+    assert dry.path == real.path == str(start) and dry.lineage == real.lineage
+    assert [Path(p).name for p in real.moved_aside] == [checkpoint_name(20)]
 
 
 def test_the_run_lock_refuses_a_second_live_job_and_takes_over_a_dead_ones(tmp_path: Path,

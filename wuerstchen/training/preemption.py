@@ -140,6 +140,11 @@ class Preemption(L.Callback):
         return bool(trainer.strategy.reduce(flag, reduce_op="max").item())
 
 
+def _ignore_preemption_signals() -> None:
+    for signum in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def requeue_slurm_job() -> bool:
     """``scontrol requeue`` this SLURM job; False (and the reason logged) outside SLURM or on any failure."""
     job = slurm_job_id()
@@ -150,7 +155,10 @@ def requeue_slurm_job() -> bool:
         log.error("scontrol not found on PATH: SLURM job %s was not requeued", job)
         return False
     try:
-        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+        # the requeue makes Slurm signal every process of this job step, this scontrol among them: it must not die of
+        # that before it has reported its result
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60,
+                                preexec_fn=_ignore_preemption_signals)
     except (OSError, subprocess.TimeoutExpired) as exn:
         log.error("scontrol requeue %s failed: %s: the job was not requeued", job, exn)
         return False
