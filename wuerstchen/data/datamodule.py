@@ -17,9 +17,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from .cached import CachedDataset
-from .crashes import LoaderCrashes, dead_worker_pids
+from .crashes import InFlight, LoaderCrashes, dead_worker_pids
 from .filters import LaionFilter
-from .pipeline import ERROR_PREFIX, REJECT_REASONS, InFlight, WebImageTextDataset
+from .pipeline import ERROR_PREFIX, REJECT_REASONS, WebImageTextDataset
 from .shards import ShardSpec
 from .transforms import ImageTransform, to_model_inputs
 

@@ -18,11 +18,9 @@ and resamples. Batches form from plans, so a resumed pass replays the batches it
 
 from __future__ import annotations
 
-import ctypes
 import io
 import json
 import logging
-import multiprocessing
 import os
 import random
 from collections import Counter
@@ -34,6 +32,7 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .crashes import InFlight
 from .filters import LaionFilter
 from .shards import ShardReader, ShardSpec, expand_shard_spec, resampled_shards, split_shards
 from .transforms import ImageTransform
@@ -171,36 +170,6 @@ def _with_tail_counts(batches: Iterator[dict[str, Any]], counter: RejectCounter)
         for key, count in counter.take_delta().items():
             last["data_stats"][key] = last["data_stats"].get(key, 0) + count
         yield last
-
-
-class InFlight:
-    """The sample each loader worker is reading right now, kept in memory shared with the training process, so that
-    when a worker dies outside Python (a decoder's segfault, the OOM killer) the training process can name the sample
-    it died on (:meth:`suspects`). One fixed slot of ``SLOT_BYTES`` per worker; a note is one memory copy."""
-
-    SLOTS, SLOT_BYTES = 64, 1024
-
-    def __init__(self) -> None:
-        self._buffer = multiprocessing.RawArray(ctypes.c_char, self.SLOTS * self.SLOT_BYTES)  # inherited by workers
-
-    def note(self, slot: int, where: str) -> None:
-        data = f"{os.getpid()}\t{where}".encode("utf-8", "replace")[: self.SLOT_BYTES - 1] + b"\0"
-        start = (slot % self.SLOTS) * self.SLOT_BYTES
-        self._buffer[start:start + len(data)] = data
-
-    def clear(self, slot: int) -> None:
-        self._buffer[(slot % self.SLOTS) * self.SLOT_BYTES] = b"\0"
-
-    def suspects(self, pids: set[int]) -> list[str]:
-        """The samples the workers with these pids were reading ([] when they were between samples, or when the dead
-        worker was not one of this stream's)."""
-        notes = []
-        for slot in range(self.SLOTS):
-            raw = bytes(self._buffer[slot * self.SLOT_BYTES:(slot + 1) * self.SLOT_BYTES]).split(b"\0", 1)[0]
-            if b"\t" in raw:
-                pid, where = raw.decode("utf-8", "replace").split("\t", 1)
-                notes.append((int(pid), where))
-        return [where for pid, where in notes if pid in pids]
 
 
 @dataclass

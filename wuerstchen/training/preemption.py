@@ -25,6 +25,7 @@ import lightning as L
 import torch
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 
+from .checkpointing import Checkpointing
 from .resume import slurm_job_id
 
 log = logging.getLogger(__name__)
@@ -116,8 +117,6 @@ class Preemption(L.Callback):
         if not self._agreed(trainer, pl_module):
             return
         what = signal.Signals(self.received).name if self.received is not None else "a signal on another rank"
-        from .checkpointing import Checkpointing  # checkpointing imports nothing from here
-
         checkpointing = next((c for c in trainer.callbacks if isinstance(c, Checkpointing)), None)
         if trainer.global_step == 0:  # the initial state follows from the config and seed: the next attempt rebuilds it
             log.warning("received %s before the first step: stopping, nothing to save", what)
