@@ -1,4 +1,4 @@
-"""Text-to-image through C -> B -> A (SPEC.md section 1): Stage C samples the semantic latent, Stage B the Stage A
+"""Text-to-image through C -> B -> A (arXiv 2306.00637): Stage C samples the semantic latent, Stage B the Stage A
 latent conditioned on it, Stage A decodes to pixels."""
 
 from __future__ import annotations

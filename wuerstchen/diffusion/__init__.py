@@ -1,6 +1,6 @@
 """Diffusion math of Stages B and C: cosine schedule, ε-loss with p2 weighting, DDPM/DDIM samplers, CFG.
 
-Small pure functions (no modules, no Lightning); see SPEC.md section 6.
+Small pure functions (no modules, no Lightning); see arXiv 2306.00637.
 """
 
 from .loss import diffusion_loss

@@ -1,4 +1,4 @@
-"""The ε-prediction training objective of Stages B and C (SPEC.md section 6)."""
+"""The ε-prediction training objective of Stages B and C (arXiv 2306.00637)."""
 
 from __future__ import annotations
 

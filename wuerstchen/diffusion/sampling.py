@@ -1,4 +1,4 @@
-"""Samplers over a ``denoise(x, t, cond) -> eps_hat`` callable, and classifier-free guidance (SPEC.md section 6).
+"""Samplers over a ``denoise(x, t, cond) -> eps_hat`` callable, and classifier-free guidance (arXiv 2306.00637).
 
 k-diffusion style: samplers are free functions, guidance wraps the callable. ``t`` given to ``denoise`` is a (B,)
 tensor of continuous times in the grid's dtype (float32); the networks take it as their ``r``. Samplers do not switch
@@ -18,7 +18,7 @@ from .schedule import _per_sample, alpha_bar
 Denoise = Callable[[Tensor, Tensor, Any], Tensor]
 Callback = Callable[[dict[str, Any]], None]
 
-STAGE_C_NUM_STEPS = 60  # Stage C default: 60 linear steps (SPEC section 6)
+STAGE_C_NUM_STEPS = 60  # Stage C default: 60 linear steps (arXiv 2306.00637)
 STAGE_B_NUM_STEPS = 12  # Stage B default: 12 linear steps, CFG off
 
 
@@ -135,7 +135,7 @@ def concat_batch(first: Any, second: Any) -> Any:
 
 
 def classifier_free_guidance(denoise: Denoise, scale: float | None, uncond: Any) -> Denoise:
-    """Wrap ``denoise`` with CFG ε̂ = ε̂_u + w·(ε̂_c − ε̂_u) (Ho & Salimans 2022, eq. 6; SPEC section 6).
+    """Wrap ``denoise`` with CFG ε̂ = ε̂_u + w·(ε̂_c − ε̂_u) (Ho & Salimans 2022, eq. 6; arXiv 2306.00637).
 
     Conditional and unconditional branches run in one call on a 2B batch (cond first, as in the official code);
     ``scale`` None or 1 returns ``denoise`` itself, so the unconditional branch is skipped.

@@ -1,4 +1,4 @@
-"""Continuous-time cosine schedule, forward noising, training-t sampler and p2 loss weights (SPEC.md section 6).
+"""Continuous-time cosine schedule, forward noising, training-t sampler and p2 loss weights (arXiv 2306.00637).
 
 Everything here is a pure function of tensors; ``t`` is the continuous diffusion time in [0, 1] (0 = data, 1 = noise).
 """
@@ -36,7 +36,7 @@ def _per_sample(values: Tensor, like: Tensor) -> Tensor:
 
 
 def add_noise(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-    """Forward process x_t = √ᾱ(t)·x₀ + √(1−ᾱ(t))·ε (SPEC section 6; DDPM eq. 4), ``t`` of shape (B,)."""
+    """Forward process x_t = √ᾱ(t)·x₀ + √(1−ᾱ(t))·ε (arXiv 2306.00637; DDPM eq. 4), ``t`` of shape (B,)."""
     ab = _per_sample(alpha_bar(t.to(torch.float64)), x0)  # (B, 1, ..., 1), float64 so 1 - ᾱ keeps its digits
     return (ab.sqrt().to(x0.dtype) * x0 + (1 - ab).sqrt().to(x0.dtype) * noise).to(x0.dtype)
 
@@ -79,7 +79,7 @@ P2_WEIGHTINGS: Mapping[str, AlphaBarWeighting] = MappingProxyType(
 
 
 def loss_weight(t: Tensor, weighting: str | AlphaBarWeighting = "code") -> Tensor:
-    """Per-sample loss weight at time ``t``: a name from ``P2_WEIGHTINGS`` or any callable of ᾱ (SPEC section 6).
+    """Per-sample loss weight at time ``t``: a name from ``P2_WEIGHTINGS`` or any callable of ᾱ (arXiv 2306.00637).
 
     A callable lets a config pick a general p2, e.g. ``functools.partial(p2_weight, k=1.0, gamma=0.5)``.
     """

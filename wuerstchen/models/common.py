@@ -1,4 +1,4 @@
-"""Blocks shared by Stage B and Stage C (SPEC.md sections 4-5), named as in the released Würstchen weights."""
+"""Blocks shared by Stage B and Stage C (arXiv 2306.00637), named as in the released Würstchen weights."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The semantic compressor: EfficientNetV2-S features -> 16-channel latent at stride 32 (SPEC.md section 3)."""
+"""The semantic compressor: EfficientNetV2-S features -> 16-channel latent at stride 32 (arXiv 2306.00637)."""
 
 from __future__ import annotations
 

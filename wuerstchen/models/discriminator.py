@@ -1,4 +1,4 @@
-"""Patch discriminator for Stage A's adversarial loss, close to the one in the official Paella VQGAN code (SPEC.md §2).
+"""Patch discriminator for Stage A's adversarial loss, close to the official Paella VQGAN code's (arXiv 2306.00637).
 
 No released weights exist for it, so its module names are ours.
 """

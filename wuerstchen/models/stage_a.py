@@ -1,4 +1,4 @@
-"""Stage A: the f4 "Paella" VQGAN, images in [0, 1] <-> a 4-channel latent at 1/4 resolution (SPEC.md section 2).
+"""Stage A: the f4 "Paella" VQGAN, images in [0, 1] <-> a 4-channel latent at 1/4 resolution (arXiv 2306.00637).
 
 Module names follow the released ``vqgan_f4_v1_500k.pt``, so it loads key for key; diffusers' ``PaellaVQModel``
 differs only in the codebook key (``vquantizer.embedding.weight``).

@@ -1,4 +1,4 @@
-"""Stage B v2 ("DiffNeXt"): the diffusion decoder in Stage A's latent space (SPEC.md section 4)."""
+"""Stage B v2 ("DiffNeXt"): the diffusion decoder in Stage A's latent space (arXiv 2306.00637)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage C: the text-conditional prior in the 16-channel semantic latent space (SPEC.md section 5)."""
+"""Stage C: the text-conditional prior in the 16-channel semantic latent space (arXiv 2306.00637)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Frozen open_clip text tower: the final layer's token states after ``ln_final`` (SPEC.md section 10)."""
+"""Frozen open_clip text tower: the final layer's token states after ``ln_final`` (arXiv 2306.00637)."""
 
 from __future__ import annotations
 

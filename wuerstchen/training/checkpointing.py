@@ -165,7 +165,7 @@ class Checkpointing(Checkpoint):
             raise RuntimeError(error)
         chosen = trainer.strategy.broadcast(self.plan.path, src=0)
         if chosen != self.plan.path:
-            raise RuntimeError(f"rank {trainer.global_rank} would resume from {self.plan.path} but rank 0 from {chosen}: "
+            raise RuntimeError(f"rank {trainer.global_rank} would resume from {self.plan.path}, rank 0 from {chosen}: "
                                f"the ranks see different files in {self.dirpath} (a shared file system lagging?)")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

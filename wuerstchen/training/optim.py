@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule pieces of the official recipe (SPEC.md section 7)."""
+"""Optimizer and learning-rate schedule pieces of the official recipe (arXiv 2306.00637)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage A LightningModule: the VQGAN with reconstruction, perceptual, adversarial and VQ losses (SPEC.md section 2)."""
+"""Stage A LightningModule: the VQGAN with reconstruction, perceptual, adversarial and VQ losses (arXiv 2306.00637)."""
 
 from __future__ import annotations
 

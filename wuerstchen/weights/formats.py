@@ -95,8 +95,8 @@ def torch_load(path: str | os.PathLike, mmap: bool = False) -> Any:
 
 class ReadOnce:
     """Checkpoints read once per process: ``read(path)`` is kept under the resolved path while the stamp of the files
-    behind it (inode, mtime and size) is unchanged; a new checkpoint under the same name replaces the old entry. Only the
-    ``max_entries`` most recently used are kept."""
+    behind it (inode, mtime and size) is unchanged; a new checkpoint under the same name replaces the old entry. Only
+    the ``max_entries`` most recently used are kept."""
 
     def __init__(self, read: Callable[[Path], Any], files: Callable[[Path], list[Path]],
                  max_entries: int = 4) -> None:

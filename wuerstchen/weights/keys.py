@@ -1,6 +1,6 @@
 """Pure key maps between the released (dome272) layout, which our networks use, and the diffusers port.
 
-The layouts differ only in attention and Stage A's codebook (SPEC.md section 11): each fused
+The layouts differ only in attention and Stage A's codebook (arXiv 2306.00637): each fused
 ``...attention.attn.in_proj_{weight,bias}`` is diffusers' ``...attention.to_{q,k,v}.*`` stacked along dim 0 in q, k, v
 order, ``...attention.attn.out_proj.*`` is ``...attention.to_out.0.*``, and ``vquantizer.codebook.weight`` is
 ``vquantizer.embedding.weight``.
