@@ -26,6 +26,21 @@ def distributed_world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def summed_over_ranks(counts: torch.Tensor) -> torch.Tensor:
+    """``counts`` summed over every rank, in place, on each rank's own device (a no-op on one process)."""
+    if distributed_world() > 1:
+        dist.all_reduce(counts)
+    return counts
+
+
+def from_rank0(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's ``tensor`` on every rank, in place. A tensor broadcast, not Lightning's ``strategy.broadcast``: that
+    pickles the object, and a CUDA tensor unpickles onto rank 0's GPU on every rank."""
+    if distributed_world() > 1:
+        dist.broadcast(tensor, src=0)
+    return tensor
+
+
 class SyncBatchNorm(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are those of all ranks' batches together, on any backend (gloo on CPU
     included).

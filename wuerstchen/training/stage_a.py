@@ -5,14 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from ..models import PatchDiscriminator, StageA
 from ..models.stage_a import codebook_usage
 from .base import StageModule
-from .distributed import NonFiniteSteps, distributed_world
+from .distributed import NonFiniteSteps, from_rank0, summed_over_ranks
 from .optim import OptimizerFactory, SchedulerFactory, build_optimizer
 from .perceptual import LPIPS
 
@@ -23,21 +22,6 @@ def adaptive_gan_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_lay
     rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
     return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
-
-
-def summed_over_ranks(counts: torch.Tensor) -> torch.Tensor:
-    """``counts`` summed over every rank, in place, on each rank's own device (a no-op on one process)."""
-    if distributed_world() > 1:
-        dist.all_reduce(counts)
-    return counts
-
-
-def from_rank0(tensor: torch.Tensor) -> torch.Tensor:
-    """Rank 0's ``tensor`` on every rank, in place. A tensor broadcast, not Lightning's ``strategy.broadcast``: that
-    pickles the object, and a CUDA tensor unpickles onto rank 0's GPU on every rank."""
-    if distributed_world() > 1:
-        dist.broadcast(tensor, src=0)
-    return tensor
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
