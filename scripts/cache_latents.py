@@ -42,9 +42,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from wuerstchen.data import ImageTransform, WebImageTextDataset, expand_shard_spec, to_model_inputs
+from wuerstchen.data.buckets import resolve_multiple
 from wuerstchen.data.cached import (CLIP, EFFNET_VIEW, EMPTY_CAPTION, INFO, LATENT, STAGE_A, encode_npy, encode_png,
                                     fingerprint, prepare_cache_info)
 from wuerstchen.data.pipeline import ERROR_PREFIX
+from wuerstchen.models.stage_b import RELEASED_PIXEL_MULTIPLE
 from wuerstchen.training.base import load_frozen
 
 log = logging.getLogger(__name__)
@@ -120,6 +122,10 @@ class Encoders:
             "stage": self.stage, "text_encoder": self.text_encoder.config, "image_size": int(data.image_size),
             "ratios": list(data.ratios), "effnet_scale": float(data.effnet_scale), "dtype": cfg.dtype,
             "crop": "center", "arrays": {}}
+        # bucket sides: by default a Stage B cache's pass the released U-Net (64 px; data.multiple=32 suits a 3-level
+        # one, training checks the cache against its Stage B); Stage C's compressor views are snapped to 32 anyway
+        requested = data.get("multiple") or (RELEASED_PIXEL_MULTIPLE if self.stage == "b" else None)
+        self.info["multiple"] = resolve_multiple(requested, 1)
         self.stage_a = self.effnet = None
         if self.stage == "b":
             self.stage_a = load_frozen("a", cfg.stage_a_ckpt, "stage_a_ckpt").to(device)
@@ -196,7 +202,8 @@ def cache_split(cfg: DictConfig, encoders: Encoders, urls: Any, out: Path, rank:
     log.info("rank %d/%d: %d of %d shards to cache into %s (%d done before)", rank, world_size, len(todo), len(mine),
              out, len(mine) - len(todo))
     transform = ImageTransform(int(data.image_size), outputs=encoders.outputs, ratios=list(data.ratios),
-                               effnet_scale=float(data.effnet_scale), random_crop=False)
+                               effnet_scale=float(data.effnet_scale), random_crop=False,
+                               multiple=encoders.info["multiple"])
     filter_ = hydra.utils.instantiate(data.filter) if data.get("filter") else None
 
     make_dataset = functools.partial(shard_dataset, batch_size=int(cfg.batch_size), transform=transform,

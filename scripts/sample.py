@@ -34,7 +34,7 @@ def text_encoder(override: DictConfig | None, ckpt: str, name: str) -> TextEncod
     if recorded is None:
         raise ValueError(f"{ckpt} records no text encoder: set {'text_encoder' if name == 'text_encoder' else name}"
                          f"={{model_name: ..., pretrained: ...}}")
-    return TextEncoder(**recorded)
+    return TextEncoder.from_record(recorded)
 
 
 def load_pipeline(cfg: DictConfig, device: torch.device) -> Pipeline:
@@ -48,8 +48,10 @@ def load_pipeline(cfg: DictConfig, device: torch.device) -> Pipeline:
     for module in (stage_c, stage_b, effnet, stage_a, encoder_c, encoder_b):
         module.to(device).eval()
     # the latent size rule Stage C trained with (recorded in our checkpoints); released weights: ceil(side / 42.67)
-    effnet_scale = cfg.get("effnet_scale") or checkpoint_info(cfg.stage_c_ckpt).get("effnet_scale")
-    return Pipeline(stage_c, stage_b, stage_a, effnet, encoder_c, encoder_b, effnet_scale)
+    info = checkpoint_info(cfg.stage_c_ckpt)
+    effnet_scale = cfg.get("effnet_scale") or info.get("effnet_scale")
+    trained = [tuple(size) for size in info["latent_sizes"]] if info.get("latent_sizes") else None
+    return Pipeline(stage_c, stage_b, stage_a, effnet, encoder_c, encoder_b, effnet_scale, trained)
 
 
 def prompts(cfg: DictConfig) -> list[str]:

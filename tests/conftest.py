@@ -85,7 +85,7 @@ def chain(shards: Path, tmp_path_factory) -> dict[str, Path]:
     runs = {name: root / name for name in ("effnet", "a", "b", "c")}
     run("train.py", "experiment=demo_effnet", *common(shards, runs["effnet"], 60), "data.batch_size=16")
     run("train.py", "experiment=demo_stage_a", *common(shards, runs["a"], 60), "stage.stage_a.c_hidden=16",
-        "stage.disc_start=40", "data.batch_size=8")
+        "stage.latent_scale_images=64", "stage.disc_start=40", "data.batch_size=8")
     run("train.py", "experiment=demo_stage_b", *common(shards, runs["b"], 60), "data.batch_size=8",
         f"stage_a_ckpt={runs['a'] / 'checkpoints' / 'last.ckpt'}",
         f"stage.effnet_init={runs['effnet'] / 'checkpoints' / 'last.ckpt'}", *JOINT_COMPRESSOR)

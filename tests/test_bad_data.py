@@ -319,8 +319,8 @@ def test_a_sample_that_kills_its_worker_is_skipped_by_the_next_attempt(shards: P
     wrapper.write_text(POISON)
     run_dir = tmp_path / "run"
     args = [str(wrapper), str(ROOT / "scripts" / "train.py"), "experiment=demo_stage_a", "stage.stage_a.c_hidden=16",
-            "data.batch_size=4", f"data.image_size={SIZE}", f"data.urls={shards / 'train'}", "data.val_urls=null",
-            "data.num_workers=2", "data.batches_per_epoch=10", "trainer.max_steps=24", "trainer.log_every_n_steps=1",
+            "stage.latent_scale_images=32", "data.batch_size=4", f"data.image_size={SIZE}",
+            f"data.urls={shards / 'train'}", "data.val_urls=null", "data.num_workers=2", "data.batches_per_epoch=10", "trainer.max_steps=24", "trainer.log_every_n_steps=1",
             "callbacks.checkpoint.every_n_steps=4", "callbacks.preview=null", "callbacks.progress.refresh_rate=0",
             f"run_dir={run_dir}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "POISON_FILE": str(poison)}

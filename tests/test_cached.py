@@ -198,7 +198,7 @@ def test_stage_b_cache_refuses_what_it_was_not_written_for(cached_b: Path, shard
     assert np.isfinite(losses(tmp_path / "frozen")).all()
     # another Stage A than the one that wrote the cache
     other_a = run("train.py", "experiment=demo_stage_a", *common(shards, tmp_path / "a2", 1, every=1),
-                  "stage.stage_a.c_hidden=16", "data.batch_size=2")
+                  "stage.stage_a.c_hidden=16", "data.batch_size=2", "stage.latent_scale_images=8")
     assert other_a.returncode == 0
     refused = stage_b_run(shards, chain, tmp_path / "other_a", *JOINT_COMPRESSOR, "data=cached",
                           f"data.urls={cached_b / 'train'}", f"data.val_urls={cached_b / 'val'}",

@@ -42,7 +42,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def overrides(shards: Path, run_dir: Path) -> list[str]:
-    return ["experiment=demo_stage_a", "stage.stage_a.c_hidden=16", "stage.disc_start=10", "data.batch_size=4",
+    return ["experiment=demo_stage_a", "stage.stage_a.c_hidden=16", "stage.latent_scale_images=32", "stage.disc_start=10", "data.batch_size=4",
             f"data.image_size={SIZE}", f"data.urls={shards / 'train'}", f"data.val_urls={shards / 'val'}",
             "data.num_workers=2", "data.batches_per_epoch=6", "data.val_batches=1", f"trainer.max_steps={STEPS}",
             "trainer.log_every_n_steps=1", "callbacks.checkpoint.every_n_steps=3", "callbacks.checkpoint.keep_last=4",

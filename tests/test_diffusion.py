@@ -262,13 +262,15 @@ class Recorder:
         return x * 0.5 + t.view(-1, 1) + c.sum(dim=1, keepdim=True)
 
 
-def test_cfg_scale_one_is_the_conditional_branch() -> None:
+@pytest.mark.parametrize("scale", [None, 0.0, 0.5, 1.0])
+def test_cfg_scale_up_to_one_is_the_conditional_branch(scale: float | None) -> None:
+    """diffusers' convention: 0, 1 and None all mean "no guidance", never the unconditional prediction."""
     recorder = Recorder()
-    assert classifier_free_guidance(recorder, 1.0, torch.zeros(2, 3)) is recorder
-    assert classifier_free_guidance(recorder, None, torch.zeros(2, 3)) is recorder
+    uncond = torch.full((2, 3), 7.0)  # an unconditional branch that would show in the output
     x, t, cond = torch.randn(2, 4), torch.tensor([0.3, 0.3]), torch.randn(2, 3)
-    out = classifier_free_guidance(recorder, 1.0, torch.zeros(2, 3))(x, t, cond)
-    assert len(recorder.calls) == 1 and torch.equal(out, x * 0.5 + t.view(-1, 1) + cond.sum(1, keepdim=True))
+    out = classifier_free_guidance(recorder, scale, uncond)(x, t, cond)
+    assert len(recorder.calls) == 1 and recorder.calls[0][0].shape == (2, 4)  # one branch only
+    assert torch.equal(out, x * 0.5 + t.view(-1, 1) + cond.sum(1, keepdim=True))
 
 
 def test_cfg_combines_branches_in_one_batched_call() -> None:

@@ -15,7 +15,7 @@ from helpers import SIZE, common, output, run, stage_c_inputs
 from wuerstchen.data.synthetic import write_synthetic_shards
 from wuerstchen.diffusion import diffusion_loss
 from wuerstchen.models import StageC
-from wuerstchen.models.text_encoder import TextEncoder
+from wuerstchen.models.text_encoder import TextEncoder, text_encoder_for
 from wuerstchen.training import StageCModule
 from wuerstchen.weights import checkpoint_info, infer_config, load_network, network_for
 
@@ -75,6 +75,22 @@ def test_finetune_from_an_export_at_twice_the_resolution(chain: dict[str, Path],
         "num_images=2", f"height={NEW}", f"width={NEW}", "steps=4", "decoder_steps=3", f"out={out}")
     record = json.loads((out / "samples.json").read_text())
     assert [Image.open(out / item["file"]).size for item in record["images"]] == [(NEW, NEW)] * 2
+
+
+def test_finetuning_our_checkpoint_keeps_the_text_encoder_it_recorded(chain: dict[str, Path], tmp_path: Path) -> None:
+    """model/text_encoder=from_init: our checkpoint's recorded encoder wins over the config's fallback; weights that
+    record none (an export) get the fallback; `pretrained` replaces only the weights' location."""
+    ckpt = chain["c"] / "checkpoints" / "last.ckpt"
+    fallback = {"model_name": "wuerstchen-tiny-text", "pretrained": None, "seed": 7}
+    recorded = text_encoder_for(ckpt, fallback)
+    assert recorded.config == checkpoint_info(ckpt)["text_encoders"]["text_encoder"] and recorded.config["seed"] == 0
+    reference = TextEncoder(**checkpoint_info(ckpt)["text_encoders"]["text_encoder"])
+    assert torch.equal(recorded(["a red circle"]), reference(["a red circle"]))
+    export = tmp_path / "stage_c.safetensors"
+    run("convert_weights.py", "--stage", "c", "--src", str(ckpt), "--dst", str(export), "--to", "wuerstchen")
+    assert text_encoder_for(export, fallback).config["seed"] == 7
+    with pytest.raises(FileNotFoundError, match="/no/such/text.bin"):  # recorded architecture, weights from FILE
+        text_encoder_for(ckpt, fallback, pretrained="/no/such/text.bin")
 
 
 def test_finetune_from_a_released_pt(chain: dict[str, Path], shards_new: Path, tmp_path: Path) -> None:

@@ -104,6 +104,19 @@ def test_stage_c_starts_as_identity_and_keys_follow_the_release() -> None:
         assert key in keys
 
 
+def test_stage_c_input_and_text_mappers_start_from_the_official_normal_init() -> None:
+    """The official Prior draws projection and both cond_mapper linears from N(0, 0.02); Xavier would give these
+    shapes a std of 0.06-0.12."""
+    torch.manual_seed(0)
+    model = StageC(c_in=16, c=256, c_cond=64, c_r=8, depth=1, nhead=4)
+    for layer in (model.projection, model.cond_mapper[0], model.cond_mapper[2]):
+        weight = layer.weight.detach()
+        assert abs(weight.std().item() - 0.02) < 0.001 and abs(weight.mean().item()) < 0.001
+        assert torch.count_nonzero(layer.bias) == 0
+    xavier = model.blocks[0].channelwise[0].weight.detach()  # still Xavier-uniform: bounded by sqrt(6 / fan sum)
+    assert xavier.abs().max().item() <= (6 / sum(xavier.shape[:2])) ** 0.5 and xavier.std().item() > 0.03
+
+
 @pytest.mark.parametrize("builder", ["b", "c"])
 def test_activation_checkpointing_gives_the_same_gradients(builder: str) -> None:
     torch.manual_seed(0)
@@ -162,7 +175,7 @@ def test_text_encoder_states_match_open_clip_and_padding_mask() -> None:
     import open_clip
 
     reference = open_clip.create_model("wuerstchen-tiny-text").eval()
-    encoder = TextEncoder("wuerstchen-tiny-text", padding_mask=False)
+    encoder = TextEncoder("wuerstchen-tiny-text", padding_mask=False, pad_token="zero")  # EOT: test_text_encoder.py
     encoder.text.load_state_dict(text_state_dict(reference.state_dict()), strict=True)
     tokens = encoder.tokenize(["a red circle in the top left", "hello"])
     with torch.no_grad():

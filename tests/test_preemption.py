@@ -21,7 +21,7 @@ STEPS = 40
 
 
 def overrides(shards: Path, run_dir: Path) -> list[str]:
-    return ["experiment=demo_stage_a", "stage.stage_a.c_hidden=16", "data.batch_size=4", f"data.image_size={SIZE}",
+    return ["experiment=demo_stage_a", "stage.stage_a.c_hidden=16", "stage.latent_scale_images=32", "data.batch_size=4", f"data.image_size={SIZE}",
             f"data.urls={shards / 'train'}", f"data.val_urls={shards / 'val'}", "data.num_workers=2",
             "data.batches_per_epoch=6", "data.val_batches=2", f"trainer.max_steps={STEPS}",
             "trainer.log_every_n_steps=1", "callbacks.checkpoint.every_n_steps=4", "callbacks.preview=null",

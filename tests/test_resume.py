@@ -22,7 +22,7 @@ def stage_overrides(stage: str, chain: dict[str, Path]) -> list[str]:
     shared = ["data.batches_per_epoch=5", "data.num_workers=2", "callbacks.preview=null",
               "callbacks.checkpoint.keep_last=2"]
     if stage == "a":  # both optimizers, the discriminator starting between the resume point and the end
-        return ["experiment=demo_stage_a", "stage.stage_a.c_hidden=16", "stage.disc_start=8", "data.batch_size=4",
+        return ["experiment=demo_stage_a", "stage.stage_a.c_hidden=16", "stage.latent_scale_images=32", "stage.disc_start=8", "data.batch_size=4",
                 "stage.codebook_restart_every=5", *shared]
     return ["experiment=demo_stage_c", "data.batch_size=8", f"stage_b_ckpt={chain['b'] / 'checkpoints' / 'last.ckpt'}",
             "stage.ema.start_step=2", *shared]
@@ -140,7 +140,7 @@ def test_resume_false_refuses_a_run_dir_with_checkpoints(shards: Path, tmp_path:
 
 def test_a_resumed_run_continues_the_same_wandb_run(shards: Path, tmp_path: Path) -> None:
     overrides = ["experiment=demo_stage_a", "stage.stage_a.c_hidden=16", "data.batch_size=4", "logger=wandb",
-                 "callbacks.preview=null"]
+                 "callbacks.preview=null", "stage.latent_scale_images=32"]
     run("train.py", *common(shards, tmp_path, 3, every=3), *overrides)
     run_id = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["wandb_run_id"]
     run("train.py", *common(shards, tmp_path, 5, every=3), *overrides)

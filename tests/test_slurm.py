@@ -133,7 +133,7 @@ def submit(env: dict[str, str], tmp_path: Path, job: Job, shards: Path) -> None:
     wrapper = tmp_path / "python"
     wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {ROOT / 'tests' / 'signal_at.py'} \"$@\"\n")
     wrapper.chmod(0o755)
-    overrides = ["experiment=demo_stage_a", "stage.stage_a.c_hidden=16", f"data.image_size={SIZE}",
+    overrides = ["experiment=demo_stage_a", "stage.stage_a.c_hidden=16", "stage.latent_scale_images=32", f"data.image_size={SIZE}",
                  f"data.urls={shards / 'train'}", f"data.val_urls={shards / 'val'}", "data.val_batches=2",
                  "data.num_workers=2", f"trainer.max_steps={job.steps}", "trainer.log_every_n_steps=1",
                  "callbacks.checkpoint.every_n_steps=4", "callbacks.checkpoint.keep_last=null",

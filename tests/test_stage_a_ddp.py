@@ -46,7 +46,7 @@ def test_ddp_codebook_restarts_sum_uses_over_ranks_and_keep_one_codebook(shards:
                                                                           monkeypatch) -> None:
     monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests"))  # the training processes import RankRecord from here
     overrides = [o for o in common(shards, tmp_path / "run", STEPS, every=STEPS) if "num_workers" not in o]
-    run("train.py", *overrides, "experiment=demo_stage_a", "stage.stage_a.c_hidden=16",
+    run("train.py", *overrides, "experiment=demo_stage_a", "stage.stage_a.c_hidden=16", "stage.latent_scale_images=32",
         f"stage.stage_a.codebook_size={CODES}", f"stage.codebook_restart_every={RESTART_EVERY}",
         f"data.batch_size={BATCH}", "data.num_workers=2", "data.batches_per_epoch=5", "callbacks.preview=null",
         "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",

@@ -42,9 +42,26 @@ def test_every_model_config_instantiates(name: str) -> None:
     for key in ("pretrained", "backbone_weights"):  # nothing is downloaded in tests
         if key in cfg:
             cfg[key] = None
+    if "random_features" in cfg:  # LPIPS: no VGG16 file offline
+        cfg.random_features = True
     with torch.device("meta"):  # full-size networks cost nothing here
         module = instantiate(cfg)
     assert isinstance(module, torch.nn.Module)
+
+
+def test_the_paper_1b_prior_and_its_resolution_schedule_compose() -> None:
+    """experiment=stage_c_1b: the v1 script's Prior(c=1536, depth=32, nhead=24, c_cond=1024) with ViT-H at 512 px;
+    experiment=stage_c_1b_1024 continues from its weights on 1024 px buckets."""
+    cfg = compose_train(["experiment=stage_c_1b", "data.urls=/some/shards"])
+    assert cfg.stage.text_encoder.model_name == "ViT-H-14" and cfg.data.image_size == 512
+    assert list(cfg.data.ratios) == [1.0] and cfg.data.batch_size == 1280
+    with torch.device("meta"):
+        prior = instantiate(cfg.stage.stage_c)
+    assert sum(p.numel() for p in prior.parameters()) == 993_243_680  # the README's number
+    assert prior.config["c_cond"] == 1024 and len(prior.state_dict()) == 520
+    phase2 = compose_train(["experiment=stage_c_1b_1024", "data.urls=/some/shards", "init_from=/p1/last.ckpt"])
+    assert phase2.data.image_size == 1024 and len(phase2.data.ratios) > 1
+    assert phase2.stage.stage_c.path == "/p1/last.ckpt" and phase2.trainer.max_steps + cfg.trainer.max_steps == 918_000
 
 
 @pytest.mark.parametrize("stage", ["effnet", "a", "b", "c"])
@@ -77,6 +94,7 @@ def test_checkpoints_carry_what_the_next_stage_needs(chain: dict[str, Path]) -> 
     assert not any(k.startswith("text_encoder") for k in c_ckpt["state_dict"])  # frozen CLIP is not saved
     # the compressor view scale it trained with, so sampling builds the same latent size (3x3 at 64 px)
     assert checkpoint_info(chain["c"] / "checkpoints" / "last.ckpt")["effnet_scale"] == 1.5
+    assert checkpoint_info(chain["c"] / "checkpoints" / "last.ckpt")["latent_sizes"] == [[3, 3]]  # sizes it saw
     # Stage C's preview decodes through the Stage B and A of its stage_b_ckpt
     assert (chain["c"] / "previews" / "step_0000060_sample_ema.png").exists()
 
@@ -84,9 +102,12 @@ def test_checkpoints_carry_what_the_next_stage_needs(chain: dict[str, Path]) -> 
 def test_sampling_writes_images_of_the_requested_size(chain: dict[str, Path], tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a large red circle in the top left\na small blue square in the center\n")
-    run("sample.py", f"stage_b_ckpt={chain['b'] / 'checkpoints' / 'last.ckpt'}",
-        f"stage_c_ckpt={chain['c'] / 'checkpoints' / 'last.ckpt'}", f"prompts_file={prompts}", "num_images=2",
-        f"height={SIZE}", f"width={2 * SIZE}", "steps=4", "decoder_steps=3", f"out={tmp_path / 'out'}")
+    result = run("sample.py", f"stage_b_ckpt={chain['b'] / 'checkpoints' / 'last.ckpt'}",
+                 f"stage_c_ckpt={chain['c'] / 'checkpoints' / 'last.ckpt'}", f"prompts_file={prompts}",
+                 "num_images=2", f"height={SIZE}", f"width={2 * SIZE}", "steps=4", "decoder_steps=3",
+                 f"out={tmp_path / 'out'}")
+    # the prior trained on 3x3 latents (64 px squares); 64x128 px asks for 3x6
+    assert "3x6, a size this prior never trained on (it saw 3x3)" in result.stderr
     record = json.loads((tmp_path / "out" / "samples.json").read_text())
     assert len(record["images"]) == 4
     for item in record["images"]:
@@ -99,6 +120,8 @@ def test_sampling_writes_images_of_the_requested_size(chain: dict[str, Path], tm
     (["experiment=demo_stage_c", "stage_b_ckpt=/nowhere/last.ckpt"], "/nowhere/last.ckpt"),
     (["experiment=demo_stage_a", "data.image_size=100"], "data.image_size=100"),
     (["experiment=demo_stage_a", "data.no_such_key=1"], "no_such_key"),
+    # LPIPS without its VGG16 file would train on random features: stop, naming the key (or stage.perceptual=null)
+    (["experiment=stage_a", "trainer=cpu", "logger=csv"], "stage.perceptual.vgg_weights is not set"),
 ])
 def test_broken_configs_stop_before_training_naming_the_key(shards: Path, tmp_path: Path, overrides: list[str],
                                                            message: str) -> None:

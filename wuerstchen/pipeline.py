@@ -4,7 +4,8 @@ latent conditioned on it, Stage A decodes to pixels."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 
 from .data.transforms import latent_size
 from .diffusion import classifier_free_guidance, ddpm_sample, linear_timesteps
+from .diffusion.sampling import guided_scale
 from .models import SemanticCompressor, StageA, StageB, StageC
 
 
@@ -56,7 +58,7 @@ def sample_prior(stage_c: StageC, text_encoder: nn.Module, captions: Sequence[st
     """Stage C: captions -> latents in Stage C's space (B, 16, h, w) for an output of height x width."""
     device = next(stage_c.parameters()).device
     clip = text_encoder(list(captions)).to(device)
-    uncond = text_encoder([""]).to(device)
+    uncond = text_encoder([""]).to(device) if guided_scale(cfg) else None
     shape = (len(captions), stage_c.config["c_in"], prior_latent_size(height, effnet_scale),
              prior_latent_size(width, effnet_scale))
     x = torch.randn(shape, generator=generator, device=device)
@@ -69,12 +71,15 @@ def sample_prior(stage_c: StageC, text_encoder: nn.Module, captions: Sequence[st
 def sample_decoder(stage_b: StageB, stage_a: StageA, text_encoder: nn.Module, effnet: torch.Tensor,
                    captions: Sequence[str], height: int, width: int, steps: int = 12, cfg: float | None = None,
                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """Stage B + Stage A: compressor latents (B, 16, h, w) -> images (B, 3, height, width) in [0, 1]."""
+    """Stage B + Stage A: compressor latents (B, 16, h, w) -> images (B, 3, height, width) in [0, 1].
+
+    ``cfg``: guidance over (zeroed compressor latent, empty caption); None or <= 1 is off (the released pipelines'
+    default), the paper samples Stage B with 4 (arXiv 2306.00637)."""
     device = effnet.device
     clip = text_encoder(list(captions)).to(device)
     shape = (effnet.shape[0], stage_b.config["c_in"], height // 4, width // 4)
     x = torch.randn(shape, generator=generator, device=device)
-    uncond = (torch.zeros_like(effnet[:1]), text_encoder([""]).to(device))
+    uncond = (torch.zeros_like(effnet[:1]), text_encoder([""]).to(device)) if guided_scale(cfg) else None
     denoise = classifier_free_guidance(_Decoder(stage_b), cfg, uncond)
     latents = ddpm_sample(denoise, x, linear_timesteps(steps).to(device), (effnet, clip), generator=generator)
     return stage_a.decode(latents).clamp(0, 1)
@@ -91,13 +96,33 @@ class Pipeline:
     text_encoder_c: nn.Module
     text_encoder_b: nn.Module
     effnet_scale: float | None = None  # the compressor view scale Stage C trained with (None: the 42.67 rule)
+    # the Stage C latent (h, w) sizes the prior trained on (our checkpoints record them); None: unknown (released)
+    trained_latent_sizes: Collection[tuple[int, int]] | None = None
+
+    def prior_size(self, height: int, width: int) -> tuple[int, int]:
+        """The Stage C latent (h, w) sampled for an output of height x width."""
+        return prior_latent_size(height, self.effnet_scale), prior_latent_size(width, self.effnet_scale)
+
+    def check_size(self, height: int, width: int) -> None:
+        """Refuse sides Stage B cannot decode; warn at a Stage C latent size the prior never trained on (a 512 px
+        prior sampled at 1024 px draws repeated, broken layouts)."""
+        multiple = self.stage_b.pixel_multiple
+        if height % multiple or width % multiple:
+            raise ValueError(f"height={height} and width={width} must be multiples of {multiple} (Stage B's "
+                             f"down-sampling of the f4 Stage A latent)")
+        size = self.prior_size(height, width)
+        trained = {tuple(s) for s in self.trained_latent_sizes or ()}
+        if trained and size not in trained:
+            sides = ", ".join(f"{h}x{w}" for h, w in sorted(trained))
+            warnings.warn(f"{height}x{width} px samples Stage C latents of {size[0]}x{size[1]}, a size this prior never "
+                          f"trained on (it saw {sides}): expect broken layouts; sample at a trained size or fine-tune "
+                          f"at this one (experiment=stage_c_finetune resolution=...)", UserWarning, stacklevel=2)
 
     def __call__(self, captions: Sequence[str], height: int, width: int, prior_steps: int | torch.Tensor = 60,
                  prior_cfg: float | None = 4.0, decoder_steps: int = 12, decoder_cfg: float | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """Captions -> images (B, 3, height, width) in [0, 1]."""
-        if height % 32 or width % 32:
-            raise ValueError(f"height={height} and width={width} must be multiples of 32")
+        """Captions -> images (B, 3, height, width) in [0, 1]. Guidance scales None or <= 1 mean no guidance."""
+        self.check_size(height, width)
         prior = sample_prior(self.stage_c, self.text_encoder_c, captions, height, width, prior_steps, prior_cfg,
                              generator, self.effnet_scale)
         return sample_decoder(self.stage_b, self.stage_a, self.text_encoder_b, self.effnet.from_prior(prior),

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .buckets import AspectBuckets
+from .buckets import BASE_MULTIPLE, AspectBuckets
 from .pipeline import Planned, RejectCounter, Rejected, WebImageTextDataset, describe, read_caption, read_json
 from .shards import ShardSpec
 from .transforms import compressor_size, latent_size, pil_to_uint8
@@ -85,9 +85,22 @@ def check_cache_matches(info: dict[str, Any], text_encoder: Any, needs: Sequence
     if stage_a is not None and STAGE_A in held and info.get("stage_a_sha1") != fingerprint(stage_a):
         raise ValueError(f"the cache was written with another Stage A ({info.get('stage_a_ckpt')}) than this run's "
                          f"stage_a_ckpt: give the same stage_a_ckpt, or re-cache")
-    if CLIP in held and info.get("text_encoder") != getattr(text_encoder, "config", None):
-        raise ValueError(f"the cache's text encoder {info.get('text_encoder')} is not this run's stage.text_encoder "
-                         f"{getattr(text_encoder, 'config', None)}")
+    # the fingerprint covers tensors only: a scale_factor set after training (scripts/measure_latent_scale.py)
+    cached_scale = (info.get("stage_a_config") or {}).get("scale_factor")
+    if stage_a is not None and STAGE_A in held and cached_scale != stage_a.scale_factor:
+        raise ValueError(f"the cache's Stage A latents are divided by scale_factor={cached_scale}, this run's "
+                         f"stage_a_ckpt records {stage_a.scale_factor}: re-cache with this stage_a_ckpt")
+    if CLIP in held:
+        from ..models.text_encoder import complete_record  # open_clip is imported only where states are compared
+
+        recorded, ours = info.get("text_encoder"), text_encoder.config
+        cached = complete_record(recorded) if recorded is not None else None  # no pad_token: made with zero padding
+        if cached is not None and cached["pad_token"] != ours["pad_token"]:
+            raise ValueError(f"the cache's token states were padded with pad_token={cached['pad_token']}, this "
+                             f"run's stage.text_encoder pads with pad_token={ours['pad_token']}: set "
+                             f"stage.text_encoder.pad_token={cached['pad_token']}, or re-cache")
+        if cached != ours:
+            raise ValueError(f"the cache's text encoder {recorded} is not this run's stage.text_encoder {ours}")
     if effnet_scale is not None and info.get("effnet_scale") != effnet_scale:
         raise ValueError(f"the cache's compressor views are {info.get('effnet_scale')} x the image side; set "
                          f"data.effnet_scale={info.get('effnet_scale')}")
@@ -119,10 +132,16 @@ def prepare_cache_info(out: Path, info: dict[str, Any], urls: Sequence[str]) -> 
     existing: dict[str, Any] = {}
     if (out / INFO).is_file():
         existing = read_cache_info(out)
-        differing = [key for key in sorted(existing.keys() & info.keys())
-                     if key not in _PROVENANCE_KEYS and existing[key] != info[key]]
+        before, now = {"multiple": BASE_MULTIPLE, **existing}, dict(info)  # caches before the key: 32-px sides
+        if before.get("text_encoder") is not None and now.get("text_encoder") is not None:
+            from ..models.text_encoder import complete_record  # records before pad_token existed: zero padding
+
+            before["text_encoder"], now["text_encoder"] = map(complete_record, (before["text_encoder"],
+                                                                                now["text_encoder"]))
+        differing = [key for key in sorted(before.keys() & now.keys())
+                     if key not in _PROVENANCE_KEYS and before[key] != now[key]]
         if differing:
-            changes = "; ".join(f"{key}: {_short(existing[key])} there, {_short(info[key])} now" for key in differing)
+            changes = "; ".join(f"{key}: {_short(before[key])} there, {_short(now[key])} now" for key in differing)
             raise ValueError(f"{out} holds a cache written with other settings ({changes}): give another out= folder, "
                              f"or delete {out / INFO} and its shards to re-cache")
     shards: dict[str, str] = dict(existing.get("shards", {}))
@@ -166,7 +185,8 @@ def expected_shapes(info: dict[str, Any], clip_shape: tuple[int, ...]) -> list[d
     if not {"image_size", "effnet_scale"} <= info.keys():
         return []
     scale = float(info["effnet_scale"])
-    buckets = AspectBuckets(int(info["image_size"]), [float(r) for r in info.get("ratios", [1.0])]).shapes
+    buckets = AspectBuckets(int(info["image_size"]), [float(r) for r in info.get("ratios", [1.0])],
+                            multiple=int(info.get("multiple", BASE_MULTIPLE))).shapes  # caches before the key: 32
     c_latent = (info.get("effnet_config") or {}).get("c_latent", 16)
     stage_a = info.get("stage_a_config") or {}
     c_stage_a, factor = stage_a.get("c_latent", 4), 2 ** stage_a.get("levels", 2)

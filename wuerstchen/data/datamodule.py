@@ -16,7 +16,8 @@ from lightning.pytorch.utilities import rank_zero_info
 import torch
 from torch.utils.data import DataLoader
 
-from .cached import CachedDataset
+from .buckets import BASE_MULTIPLE, resolve_multiple
+from .cached import CachedDataset, cache_root
 from .crashes import InFlight, LoaderCrashes, dead_worker_pids
 from .filters import LaionFilter
 from .pipeline import ERROR_PREFIX, REJECT_REASONS, WebImageTextDataset
@@ -84,7 +85,12 @@ class WebDataModule(L.LightningDataModule):
         urls / val_urls: shard specs (brace pattern, list, directory, ``pipe:`` command); no validation loader when
             ``val_urls`` is None.
         batch_size: the global batch; each rank takes ``batch_size / (world_size * accumulate_grad_batches)``.
-        image_size: training side (square crops) or the side of the bucket area (multi-aspect), multiple of 32.
+        image_size: training side (square crops) or the side of the bucket area (multi-aspect), a multiple of
+            ``multiple``.
+        multiple: the buckets' sides are multiples of it. None asks the stage when the trainer sets up
+            (``StageModule.pixel_multiple``, at least 32: 64 for the released Stage B, whose U-Net halves the f4
+            latent's patches three times); a value must be a multiple of the stage's. A cache keeps the multiple it
+            was written with (``cache_info.json``), which must satisfy the stage.
         outputs: what the stage needs: ``images`` (Stage A/B crops in [0, 1]) and/or ``effnet_images`` (the
             compressor's ImageNet-normalised view at ``effnet_scale`` x the side).
         ratios / random_ratio_prob: aspect buckets (``[1]``: square crops) and the chance of a random bucket.
@@ -114,18 +120,19 @@ class WebDataModule(L.LightningDataModule):
                  shuffle_buffer: int = 1000, require_caption: bool = True, max_tries: int = 10_000,
                  max_tries_per_shard: int | None = 1000, read_timeout: float = 120.0, seed: int = 0,
                  pin_memory: bool | None = None, prefetch_factor: int | None = None, restart_index: int = 0,
-                 resume: str = "exact", cached: bool = False) -> None:
+                 resume: str = "exact", cached: bool = False, multiple: int | None = None) -> None:
         super().__init__()
         self.cached = bool(cached)
+        self.multiple = None if multiple is None else int(multiple)
         self.urls = _plain(urls)
         self.val_urls = _plain(val_urls)
         self.batch_size = int(batch_size)
         self.train_transform = self.val_transform = None  # a cache holds the transform's results already
-        if not self.cached:
-            transform = dict(image_size=int(image_size), outputs=tuple(outputs), ratios=[float(r) for r in ratios],
-                             effnet_scale=float(effnet_scale))
-            self.train_transform = ImageTransform(random_crop=True, random_ratio_prob=random_ratio_prob, **transform)
-            self.val_transform = ImageTransform(random_crop=False, **transform)
+        self._transform = dict(image_size=int(image_size), outputs=tuple(outputs), ratios=[float(r) for r in ratios],
+                               effnet_scale=None if effnet_scale is None else float(effnet_scale),
+                               random_ratio_prob=float(random_ratio_prob))
+        if not self.cached:  # until the stage says what it needs (setup): data.multiple or 32
+            self._build_transforms(resolve_multiple(self.multiple, 1))
         self.filter = filter
         self.batches_per_epoch, self.val_batches = batches_per_epoch, val_batches
         self.val_batch_size = val_batch_size
@@ -174,7 +181,40 @@ class WebDataModule(L.LightningDataModule):
         return self.batch_size // divisor
 
     # -- datasets -------------------------------------------------------------------------------------------------
+    def _build_transforms(self, multiple: int) -> None:
+        args = dict(self._transform, multiple=multiple)
+        self.train_transform = ImageTransform(random_crop=True, **args)
+        args.pop("random_ratio_prob")
+        self.val_transform = ImageTransform(random_crop=False, **args)
+
+    def use_multiple(self, required: int, what: str = "the stage") -> int:
+        """Snap the image buckets to what the stage's networks need (``required`` px, e.g. ``pixel_multiple``):
+        ``data.multiple`` when it satisfies it, else the smallest multiple of ``required`` and 32. Returns it."""
+        multiple = resolve_multiple(self.multiple, required, what)
+        if not self.cached and multiple != self.train_transform.buckets.multiple:
+            self._build_transforms(multiple)
+            rank_zero_info(f"aspect buckets snap to {multiple} px for {what}: {self.train_transform.buckets.shapes}")
+        return multiple
+
+    def _check_cache_multiple(self, dataset: CachedDataset, required: int, what: str) -> None:
+        """A cache's buckets were snapped when it was written: they must satisfy the stage and ``data.multiple``."""
+        cached = int(dataset.info.get("multiple", BASE_MULTIPLE))  # caches from before the key: 32-px sides
+        if cached % required:
+            raise ValueError(f"the cache {cache_root(dataset.urls)} holds image sides in multiples of {cached} px, but "
+                             f"{what} needs multiples of {required}: re-cache with scripts/cache_latents.py "
+                             f"data.multiple={required} (or null)")
+        if self.multiple is not None and self.multiple != cached:
+            raise ValueError(f"data.multiple={self.multiple}, but the cache {cache_root(dataset.urls)} was written "
+                             f"with {cached}-px sides: set data.multiple=null (the cache's) or re-cache")
+
+    def _stage_requirement(self) -> tuple[int, str]:
+        """(pixel multiple, name) of the stage being trained; 1 without one (no trainer, or a plain module)."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return int(getattr(module, "pixel_multiple", 1)), type(module).__name__ if module is not None else "the stage"
+
     def setup(self, stage: str | None = None) -> None:
+        required, what = self._stage_requirement()
+        self.use_multiple(required, what)
         if self.trainer is not None and (record := LoaderCrashes.read(self.trainer.default_root_dir)) is not None:
             self.crashes = record
             self.restart_index = max(self.restart_index, record.restart_index)
@@ -192,6 +232,9 @@ class WebDataModule(L.LightningDataModule):
         if stage in (None, "fit", "validate") and self.val_urls is not None and self.val_set is None:
             self.val_set = self._dataset(self.val_urls, self.val_batch_size or batch_size, self.val_transform,
                                    resample=False, num_batches=self.val_batches, shuffle_buffer=0, **common)
+        for dataset in (self.train_set, self.val_set) if self.cached else ():
+            if dataset is not None:
+                self._check_cache_multiple(dataset, required, what)
 
     def _dataset(self, urls: ShardSpec, batch_size: int, transform: ImageTransform | None,
                  **kwargs: Any) -> WebImageTextDataset:

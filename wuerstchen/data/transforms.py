@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .buckets import DEFAULT_RATIOS, AspectBuckets, snap
+from .buckets import BASE_MULTIPLE, DEFAULT_RATIOS, AspectBuckets, snap
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -87,23 +87,26 @@ class ImageTransform:
     both.
 
     Args:
-        image_size: training side (square) or the side of the bucket area (multi-aspect); multiple of 32.
+        image_size: training side (square) or the side of the bucket area (multi-aspect); multiple of ``multiple``.
         outputs: which of ``images`` / ``effnet_images`` to produce (Stage A: images; B: both; C: effnet_images).
         ratios: aspect ratios for buckets; ``[1]`` gives square crops.
         random_ratio_prob: probability of a random bucket instead of the nearest one.
         random_crop: random crop position (training) instead of the centre (validation).
         effnet_scale: compressor side / image side (0.75 in the paper).
+        multiple: the buckets' sides are multiples of it, what the stage's networks need
+            (``StageModule.pixel_multiple``; the compressor views are snapped to 32 on their own whatever it is).
     """
 
     def __init__(self, image_size: int, outputs: Sequence[str] = OUTPUT_KEYS, ratios: Sequence[float] = (1.0,),
                  random_ratio_prob: float = 0.0, random_crop: bool = True, effnet_scale: float = 0.75,
-                 interpolation: str = "bicubic") -> None:
+                 interpolation: str = "bicubic", multiple: int = BASE_MULTIPLE) -> None:
         unknown = set(outputs) - set(OUTPUT_KEYS)
         if unknown or not outputs:
             raise ValueError(f"transform outputs must be a non-empty subset of {OUTPUT_KEYS}, got {list(outputs)}")
         if interpolation not in _RESAMPLE:
             raise ValueError(f"interpolation={interpolation!r} is not one of {sorted(_RESAMPLE)}")
-        self.buckets = AspectBuckets(image_size, [float(r) for r in ratios], random_ratio_prob=random_ratio_prob)
+        self.buckets = AspectBuckets(image_size, [float(r) for r in ratios], multiple=multiple,
+                                     random_ratio_prob=random_ratio_prob)
         self.outputs = tuple(outputs)
         self.random_crop = bool(random_crop)
         self.effnet_scale = float(effnet_scale)

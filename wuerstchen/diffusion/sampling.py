@@ -134,13 +134,21 @@ def concat_batch(first: Any, second: Any) -> Any:
     raise TypeError(f"cannot batch a conditioning of type {type(first).__name__}")
 
 
+def guided_scale(scale: float | None) -> bool:
+    """Whether a guidance scale runs the unconditional branch: only above 1 (None, 0 and 1 mean conditional only)."""
+    return scale is not None and scale > 1
+
+
 def classifier_free_guidance(denoise: Denoise, scale: float | None, uncond: Any) -> Denoise:
     """Wrap ``denoise`` with CFG ε̂ = ε̂_u + w·(ε̂_c − ε̂_u) (Ho & Salimans 2022, eq. 6; arXiv 2306.00637).
 
-    Conditional and unconditional branches run in one call on a 2B batch (cond first, as in the official code);
-    ``scale`` None or 1 returns ``denoise`` itself, so the unconditional branch is skipped.
+    Conditional and unconditional branches run in one call on a 2B batch (cond first, as in the official code).
+    ``scale`` None or <= 1 means no guidance: ``denoise`` itself, the conditional prediction, and the unconditional
+    branch is skipped. That is diffusers' convention (guidance runs for ``guidance_scale > 1``; its Würstchen decoder
+    pipeline defaults to 0): the official lerp would return the unconditional prediction at 0, noise to every user
+    who types 0 for "off".
     """
-    if scale is None or scale == 1:
+    if not guided_scale(scale):
         return denoise
 
     def guided(x: Tensor, t: Tensor, cond: Any) -> Tensor:

@@ -112,6 +112,12 @@ class StageA(nn.Module):
         self.out_block = nn.Sequential(nn.Conv2d(c_levels[0], 3 * 4, kernel_size=1), nn.PixelShuffle(2))
 
     @property
+    def pixel_multiple(self) -> int:
+        """Image sides must be multiples of it: PixelUnshuffle(2), then a stride-2 conv per level after the first, and
+        a decoder that mirrors them (the official ``vqgan.py`` of dome272/Wuerstchen): 2**levels, 4 for the f4 model."""
+        return 2 ** self.config["levels"]
+
+    @property
     def last_layer(self) -> nn.Parameter:
         """The decoder's last weight, on which the adaptive GAN weight compares gradient norms (Esser et al.)."""
         return self.out_block[0].weight
@@ -123,9 +129,22 @@ class StageA(nn.Module):
             x = maybe_checkpoint(use_checkpoint and isinstance(block, MixingResidualBlock), block, x)
         return x
 
+    def encode_unscaled(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [0, 1] -> the raw encoder output (B, 4, H/4, W/4), the space of the codebook."""
+        return self._run(self.down_blocks, self.in_block(images))
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) in [0, 1] -> unquantised latents (B, 4, H/4, W/4), divided by ``scale_factor``."""
-        return self._run(self.down_blocks, self.in_block(images)) / self.scale_factor
+        return self.encode_unscaled(images) / self.scale_factor
+
+    def set_scale_factor(self, scale_factor: float) -> None:
+        """Set the latent scale (and the config checkpoints store). It is a measured property of trained weights
+        (0.3764 of the released ones; ``wuerstchen.training.latent_scale`` measures ours), not architecture: training
+        Stage A is invariant to it (``quantize`` and ``decode`` undo it), Stage B sees ``encode``'s latents."""
+        if not scale_factor > 0:
+            raise ValueError(f"scale_factor={scale_factor} must be > 0")
+        self.scale_factor = float(scale_factor)
+        self.config["scale_factor"] = float(scale_factor)
 
     def quantize(self, latents: torch.Tensor) -> Quantized:
         """Quantise scaled latents (as ``encode`` returns them) against the codebook, which lives in the raw space."""

@@ -12,6 +12,21 @@ from torch import nn
 from .common import (AttnBlock, LayerNorm2d, ResBlockStageB, TimestepBlock, init_xavier, maybe_checkpoint,
                      timestep_embedding)
 
+STAGE_A_FACTOR = 4  # Stage B works on the latent of Stage A, an f4 VQGAN: image side / 4 (arXiv 2306.00637)
+
+
+def pixel_multiple(patch_size: int, num_levels: int) -> int:
+    """Image side multiple a Stage B needs: its latent (image / 4) is PixelUnshuffled by ``patch_size``, then halved
+    by a stride-2 conv at every level below the first, and the up path's skips must meet those sizes again
+    (``DiffNeXt`` in dome272/Wuerstchen ``modules.py``; StableCascade's ``modules/stage_b.py`` down-samples the same
+    way but resizes the up path to a skip that differs). The released layout, patch 2 and 4 levels: 4 * 2 * 2**3 = 64.
+    """
+    return STAGE_A_FACTOR * patch_size * 2 ** (num_levels - 1)
+
+
+# The released Stage B v2 (configs/model/stage_b/full.yaml): what a cache for an unknown Stage B is snapped to.
+RELEASED_PIXEL_MULTIPLE = pixel_multiple(patch_size=2, num_levels=4)
+
 
 class StageB(nn.Module):
     """U-Net over Stage A latents, conditioned on the semantic latent (``effnet``) and CLIP text states.
@@ -89,6 +104,11 @@ class StageB(nn.Module):
                                  nn.Conv2d(c_hidden[0], 2 * c_out * patch_size**2, kernel_size=1),
                                  nn.PixelShuffle(patch_size))
         self.reset_parameters()
+
+    @property
+    def pixel_multiple(self) -> int:
+        """Image sides must be multiples of it (:func:`pixel_multiple`): 64 for the released layout, 32 for tiny."""
+        return pixel_multiple(self.config["patch_size"], len(self.config["c_hidden"]))
 
     def reset_parameters(self) -> None:
         """Official initialisation: Xavier; conditioning mappers N(0, 0.02); input conv Xavier with gain 0.02;

@@ -37,9 +37,12 @@ class StageC(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Official initialisation: Xavier everywhere, then the output conv and timestep mappers at zero (so the
-        network starts at eps_hat = x_t) and the ResBlocks' last layers scaled by sqrt(1 / depth)."""
+        """Official initialisation (the official ``Prior.__init__``): Xavier everywhere; the input projection and both
+        linears of the text mapper drawn from N(0, 0.02); the output conv and timestep mappers at zero (so the network
+        starts at eps_hat = x_t); the ResBlocks' last layers scaled by sqrt(1 / depth)."""
         self.apply(init_xavier)
+        for layer in (self.projection, self.cond_mapper[0], self.cond_mapper[-1]):
+            nn.init.normal_(layer.weight, std=0.02)  # biases stay at zero (init_xavier)
         nn.init.zeros_(self.out[1].weight)
         nn.init.zeros_(self.out[1].bias)
         for block in self.blocks:

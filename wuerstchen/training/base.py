@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from ..data.buckets import BASE_MULTIPLE
 from ..weights import load_network, read_weights
 from ..weights.formats import shape_mismatches
 from .checkpointing import rng_states, set_rng_states
@@ -65,6 +66,9 @@ class StageModule(L.LightningModule):
     trained: tuple[str, ...] = ()
     frozen_modules: tuple[str, ...] = ()
     weights_stage: str = ""  # the trained network's stage in wuerstchen.weights ("a", "b", "c")
+    # Image side multiple the stage's networks need; the data's buckets snap to it (data.multiple: null, at least 32).
+    # Stage C and the compressor see images only through views snapped to 32 on their own (data.compressor_size).
+    pixel_multiple: int = BASE_MULTIPLE
 
     def __init__(self, optimizer: OptimizerFactory, scheduler: SchedulerFactory | None = None,
                  ema: dict[str, Any] | None = None, grad_clip: float | None = 1.0,

@@ -41,6 +41,11 @@ def checkpoint_name(step: int) -> str:
     return f"step={step:07d}.ckpt"
 
 
+def is_final_step(trainer: L.Trainer) -> bool:
+    """Whether the optimizer step just taken is the run's last (``trainer.max_steps``): the final checkpoint's."""
+    return trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
+
+
 def complete_checkpoints(dirpath: str | os.PathLike) -> list[tuple[int, Path]]:
     """(step, path) of every complete step checkpoint in ``dirpath``, oldest first."""
     dirpath = Path(dirpath)
@@ -187,9 +192,8 @@ class Checkpointing(Checkpoint):
         step = trainer.global_step
         if step == self.last_saved_step or step == 0:
             return
-        final = trainer.max_steps is not None and 0 < trainer.max_steps <= step
         periodic = self.every_n_steps and step % self.every_n_steps == 0
-        if final or periodic:
+        if is_final_step(trainer) or periodic:
             self.save_now(trainer)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +15,12 @@ import torch
 from ..data.cached import CLIP, LATENT, STAGE_A, CachedDataset, check_cache_matches
 from ..diffusion import add_noise, diffusion_loss, sample_t
 from ..models import SemanticCompressor, StageA, StageB, StageC
-from ..models.text_encoder import TextEncoder
+from ..models.text_encoder import TextEncoder, complete_record
 from ..pipeline import sample_decoder, sample_prior
-from ..weights import read_weights
+from ..weights import checkpoint_info, read_weights
 from ..weights.formats import shape_mismatches
 from .base import Frozen, StageModule, drop_captions, load_frozen
-from .distributed import SyncBatchNorm, convert_sync_batchnorm, distributed_world
+from .distributed import SyncBatchNorm, convert_sync_batchnorm, distributed_world, union_over_ranks
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +63,20 @@ class DiffusionStageModule(StageModule):
         rng = random.Random(f"captions/{self._caption_seed}/{self.global_rank}/{self.global_step}")
         return drop_captions(captions, self.caption_drop_prob, rng)
 
-    @torch.no_grad()
+    @contextmanager
+    def full_precision(self) -> Iterator[None]:
+        """The frozen encoders outside autocast, in float32 even under ``bf16-mixed``, as the official training
+        computes the targets and conditionings (no_grad, fp32) and only runs the trained network under autocast:
+        bf16 targets would put quantisation noise into x0 and the noise drawn like it, and sampling (fp32) would see
+        other text states than training did."""
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+            yield
+
     def encode_text(self, captions: list[str], drop: bool) -> torch.Tensor:
         if drop:
             captions = self.dropped_captions(captions)
-        return self.frozen.text_encoder(captions)  # (B, 77, width)
+        with self.full_precision():
+            return self.frozen.text_encoder(captions).float()  # (B, 77, width)
 
     def cached_text(self, batch: dict[str, Any], drop: bool) -> torch.Tensor:
         """Token states from a cache (data=cached), the dropped captions' replaced by the cached states of ""."""
@@ -84,9 +96,11 @@ class DiffusionStageModule(StageModule):
 
     def objective(self, x0: torch.Tensor, generator: torch.Generator | None = None,
                   **cond: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The eps loss at the official t distribution; ``generator`` fixes t and noise (validation)."""
+        """The eps loss at the official t distribution; ``generator`` fixes t and noise (validation). x0, the noise
+        and x_t are float32 (the official training noises outside autocast); the network casts under autocast."""
+        x0 = x0.float()
         t = sample_t(x0.shape[0], generator=generator, device=x0.device)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
         return diffusion_loss(self.network, x0, t, noise, weighting=self.weighting, **cond)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -153,11 +167,13 @@ class StageCModule(DiffusionStageModule):
             load_frozen("effnet", stage_b_ckpt, "stage_b_ckpt")
         self.stage_b_ckpt = stage_b_ckpt
         self.preview_size, self.preview_steps, self.preview_cfg = preview_size, preview_steps, preview_cfg
-        self.frozen.modules.update(self._decoder(stage_b_ckpt, decoder_text_encoder or text_encoder))
+        self.frozen.modules.update(self._decoder(stage_b_ckpt, decoder_text_encoder, text_encoder))
 
     @staticmethod
-    def _decoder(stage_b_ckpt: str | None, text_encoder: TextEncoder) -> dict[str, Any]:
-        """Stage B and A for previews, when the Stage B checkpoint holds them (ours does; a released .pt only B)."""
+    def _decoder(stage_b_ckpt: str | None, decoder_text_encoder: TextEncoder | None,
+                 text_encoder: TextEncoder) -> dict[str, Any]:
+        """Stage B and A for previews, when the Stage B checkpoint holds them (ours does; a released .pt only B),
+        with the text encoder Stage B recorded (the prior's when it is the same, or when Stage B records none)."""
         if not stage_b_ckpt:
             return {}
         try:
@@ -165,7 +181,11 @@ class StageCModule(DiffusionStageModule):
                        "stage_a": load_frozen("a", stage_b_ckpt, "stage_b_ckpt")}
         except (KeyError, ValueError):
             return {}
-        modules["decoder_text_encoder"] = text_encoder
+        if decoder_text_encoder is None:
+            recorded = (checkpoint_info(stage_b_ckpt).get("text_encoders") or {}).get("text_encoder")
+            same = recorded is None or complete_record(recorded) == text_encoder.config
+            decoder_text_encoder = text_encoder if same else TextEncoder.from_record(recorded)
+        modules["decoder_text_encoder"] = decoder_text_encoder
         return modules
 
     def sample(self, batch: dict[str, Any]) -> torch.Tensor | None:
@@ -183,8 +203,8 @@ class StageCModule(DiffusionStageModule):
             latents = self.effnet.to_prior(batch["latents"].float())
             self._log_latent_shape(latents, "cached")
             return latents, {"clip": self.cached_text(batch, drop=train)}
-        with torch.no_grad():
-            latents = self.effnet.to_prior(self.effnet(batch["effnet_images"]))  # (B, 16, h, w)
+        with self.full_precision():
+            latents = self.effnet.to_prior(self.effnet(batch["effnet_images"].float()))  # (B, 16, h, w)
         h, w = batch["effnet_images"].shape[-2:]
         self._log_latent_shape(latents, f"from compressor input {w}x{h}")
         return latents, {"clip": self.encode_text(batch["captions"], drop=train)}
@@ -207,6 +227,15 @@ class StageCModule(DiffusionStageModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["effnet_scale"] = self.effnet_scale  # sampling builds the latent size this prior trained on
+        # every latent (h, w) any rank trained on, so far: sampling warns at a size the prior never saw (every rank
+        # dumps the checkpoint, so the gather is safe here)
+        self._latent_shapes_seen = union_over_ranks(self._latent_shapes_seen)
+        checkpoint["latent_sizes"] = sorted([h, w] for _, h, w in self._latent_shapes_seen)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        channels = self.stage_c.config["c_in"]
+        self._latent_shapes_seen |= {(channels, h, w) for h, w in checkpoint.get("latent_sizes", [])}
 
 
 class StageBModule(DiffusionStageModule):
@@ -228,6 +257,11 @@ class StageBModule(DiffusionStageModule):
     """
 
     weights_stage = "b"
+
+    @property
+    def pixel_multiple(self) -> int:
+        """Image sides Stage B's U-Net and Stage A take (``StageB.pixel_multiple``: 64 for the released layout)."""
+        return math.lcm(self.stage_b.pixel_multiple, self.stage_a.pixel_multiple)
 
     def __init__(self, stage_b: StageB, effnet: SemanticCompressor, text_encoder: TextEncoder,
                  stage_a_ckpt: str | None = None, stage_a: StageA | None = None, effnet_drop_prob: float = 0.05,
@@ -298,8 +332,10 @@ class StageBModule(DiffusionStageModule):
         """The compressor's latent: cached from the frozen compressor, or computed (with gradients when it trains)."""
         if "latents" in batch:
             return batch["latents"].float()
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self._freeze_effnet):
-            return self.effnet(batch["effnet_images"])  # (B, 16, h, w)
+        if self._freeze_effnet:  # a frozen encoder like the others; a trained one runs under autocast
+            with self.full_precision():
+                return self.effnet(batch["effnet_images"].float())  # (B, 16, h, w)
+        return self.effnet(batch["effnet_images"])
 
     def augment_effnet(self, latent: torch.Tensor) -> torch.Tensor:
         """Per-sample zeroing (p = effnet_drop_prob) or noising (p = effnet_noise_prob) of the semantic latent."""
@@ -316,8 +352,8 @@ class StageBModule(DiffusionStageModule):
         if "stage_a_latents" in batch:  # data=cached: Stage A (and a frozen compressor) ran in scripts/cache_latents.py
             x0 = batch["stage_a_latents"].float()
         else:
-            with torch.no_grad():
-                x0 = self.stage_a.encode(batch["images"])  # (B, 4, H/4, W/4), unquantised
+            with self.full_precision():
+                x0 = self.stage_a.encode(batch["images"].float())  # (B, 4, H/4, W/4), unquantised
         effnet = self.semantic_latent(batch)
         if train:
             effnet = self.augment_effnet(effnet)

@@ -41,6 +41,15 @@ def from_rank0(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+
+def union_over_ranks(items: set) -> set:
+    """The union of every rank's (picklable) ``items``, on every rank; a collective, so every rank must call it."""
+    if distributed_world() == 1:
+        return set(items)
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sorted(items))
+    return {item for part in gathered for item in part}
+
 class SyncBatchNorm(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are those of all ranks' batches together, on any backend (gloo on CPU
     included).

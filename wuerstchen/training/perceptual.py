@@ -2,8 +2,9 @@
 
 Two weight files make LPIPS: torchvision's ImageNet VGG16 (``vgg16-397923af.pth``) and the LPIPS linear heads
 (``vgg.pth`` of the ``lpips`` package; torchmetrics ships the same file, used by default when installed). Without the
-VGG file the features are random, which keeps the code path alive for tests and the CPU demo but measures nothing
-meaningful: a warning says so.
+VGG file the features would be random and the loss would measure nothing, so that is an error unless asked for
+explicitly (``random_features=True``, for tests); a run without VGG16 turns the perceptual loss off instead
+(``stage.perceptual=null``).
 """
 
 from __future__ import annotations
@@ -37,24 +38,29 @@ class LPIPS(nn.Module):
     """Perceptual distance of images in [0, 1]: (B, 3, H, W) x 2 -> (B,). Frozen.
 
     Args:
-        vgg_weights: torchvision VGG16 ImageNet weights (``.pth``; whole classifier or ``features`` only); None
-            gives random features, with a warning.
+        vgg_weights: torchvision VGG16 ImageNet weights (``.pth``; whole classifier or ``features`` only).
         head_weights: LPIPS linear heads; None takes torchmetrics' bundled copy.
+        random_features: allow ``vgg_weights=None`` (random VGG features: a distance that measures nothing; tests).
     """
 
     def __init__(self, vgg_weights: str | os.PathLike | None = None,
-                 head_weights: str | os.PathLike | None = None) -> None:
+                 head_weights: str | os.PathLike | None = None, random_features: bool = False) -> None:
         super().__init__()
         import torchvision
 
+        if vgg_weights is None and not random_features:
+            raise ValueError("stage.perceptual.vgg_weights is not set: LPIPS on random VGG16 features measures "
+                             "nothing. Give torchvision's ImageNet VGG16 file (vgg16-397923af.pth), or train "
+                             "without the perceptual loss: stage.perceptual=null")
+        if vgg_weights is not None and not Path(vgg_weights).is_file():
+            raise FileNotFoundError(f"stage.perceptual.vgg_weights={vgg_weights} does not exist")
         features = torchvision.models.vgg16(weights=None).features
         if vgg_weights is not None:
             state = torch_load(vgg_weights)
             features.load_state_dict({k.removeprefix("features."): v for k, v in state.items()
                                       if not k.startswith("classifier.")})
         else:
-            log.warning("LPIPS without VGG16 weights: random features, the perceptual loss is not meaningful "
-                        "(set the VGG16 weight path to use it for real)")
+            log.warning("LPIPS on random VGG16 features (random_features=True): the distance measures nothing")
         self.slices = nn.ModuleList(nn.Sequential(*features[a:b]) for a, b in _SLICES)
         self.heads = nn.ModuleList(nn.Conv2d(c, 1, kernel_size=1, bias=False) for c in _CHANNELS)
         head_weights = head_weights or _bundled_heads()

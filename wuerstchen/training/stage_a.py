@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 import torch
@@ -11,9 +13,13 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from ..models import PatchDiscriminator, StageA
 from ..models.stage_a import codebook_usage
 from .base import StageModule
+from .checkpointing import is_final_step
 from .distributed import NonFiniteSteps, from_rank0, summed_over_ranks
+from .latent_scale import MeasurementFailed, measure_latent_scale
 from .optim import OptimizerFactory, SchedulerFactory, build_optimizer
 from .perceptual import LPIPS
+
+log = logging.getLogger(__name__)
 
 
 def adaptive_gan_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor,
@@ -52,17 +58,28 @@ class StageAModule(StageModule):
             the latent the decoder sees (0: off, the official recipe). A small decoder trained without it maps
             latents a little off the encoder's manifold (every Stage B sample is) to speckle; with it, the decoder
             is smooth around the manifold. Relative to the latent's own std, so the encoder cannot outgrow it.
+        latent_scale_images: after the run's last step (``trainer.max_steps``), before its final checkpoint, the
+            latent scale of the weights that checkpoint holds (the EMA's, if any) is measured over this many training
+            images (``training.latent_scale``) and becomes Stage A's ``scale_factor`` there, which Stage B and the
+            caches read. 0 or None keeps the configured ``stage_a.scale_factor``. Earlier checkpoints keep the
+            configured value (the encoder is still moving): ``scripts/measure_latent_scale.py`` sets one in any.
     """
 
     trained = ("stage_a",)
     weights_stage = "a"
+
+    @property
+    def pixel_multiple(self) -> int:
+        """Image sides the VQGAN takes (``StageA.pixel_multiple``: 4 for f4; the data stays at 32, see the base)."""
+        return self.stage_a.pixel_multiple
 
     def __init__(self, stage_a: StageA, discriminator: PatchDiscriminator, optimizer: OptimizerFactory,
                  disc_optimizer: OptimizerFactory, scheduler: SchedulerFactory | None = None,
                  perceptual: LPIPS | None = None, reconstruction: str = "l1", perceptual_weight: float = 1.0,
                  vq_weight: float = 1.0, disc_weight: float = 0.1, disc_start: int = 10_000,
                  grad_clip: float | None = 1.0, codebook_restart_every: int = 100, quantize_prob: float = 1.0,
-                 latent_noise: float = 0.0, ema: dict[str, Any] | None = None, max_nonfinite_steps: int = 10) -> None:
+                 latent_noise: float = 0.0, latent_scale_images: int | None = 4096, ema: dict[str, Any] | None = None,
+                 max_nonfinite_steps: int = 10) -> None:
         super().__init__(optimizer=optimizer, scheduler=scheduler, ema=ema, grad_clip=grad_clip,
                          max_nonfinite_steps=max_nonfinite_steps)
         self.codebook_restart_every = codebook_restart_every
@@ -71,6 +88,9 @@ class StageAModule(StageModule):
         if latent_noise < 0:
             raise ValueError(f"stage.latent_noise={latent_noise}: expected >= 0")
         self.latent_noise = latent_noise
+        if latent_scale_images is not None and latent_scale_images < 0:
+            raise ValueError(f"stage.latent_scale_images={latent_scale_images}: expected >= 0 or null")
+        self.latent_scale_images = latent_scale_images or 0
         codebook_size = stage_a.vquantizer.codebook.num_embeddings
         # uses of each code since the last restart, summed over all ranks (so every rank holds the same counts, DDP's
         # per-step broadcast of rank 0's buffers changes nothing, and a checkpoint holds every rank's uses);
@@ -129,7 +149,7 @@ class StageAModule(StageModule):
         so the ranks keep one codebook.
         """
         codebook = self.stage_a.vquantizer.codebook.weight  # (K, C)
-        z = (self.stage_a.encode(images) * self.stage_a.scale_factor).float()  # (B, C, h, w), raw; fp32 under autocast
+        z = self.stage_a.encode_unscaled(images).float()  # (B, C, h, w); fp32 under autocast
         z = z.permute(0, 2, 3, 1).reshape(-1, codebook.shape[1])  # (B*h*w, C)
         dead = torch.ones_like(self.code_uses, dtype=torch.bool) if self.code_uses[0] < 0 else self.code_uses == 0
         num_dead = int(dead.sum())  # the same on every rank
@@ -167,6 +187,39 @@ class StageAModule(StageModule):
                  batch_size=len(images))
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, on_step=True, on_epoch=False,
                       batch_size=len(images))
+        # here, not in the module's on_train_batch_end: Lightning calls that after the callbacks' one, in which
+        # Checkpointing writes the final checkpoint
+        if self.latent_scale_images and is_final_step(self.trainer):
+            self.record_latent_scale(len(images))
+
+    def record_latent_scale(self, batch_size: int) -> None:
+        """Measure the latent scale of the weights a checkpoint holds (``averaged``: the EMA's, which ``load_network``
+        loads first) and make it ``scale_factor`` of both networks. Every rank measures its share (a collective).
+
+        Training never reads ``scale_factor`` after this (it is the last step), and a resumed run rebuilds Stage A
+        with the configured one, so a run continued past this step trains as an uninterrupted one.
+        """
+        datamodule = self.trainer.datamodule
+        if datamodule is None:
+            log.warning("no datamodule to measure the latent scale on: stage_a.scale_factor stays %s",
+                        self.stage_a.scale_factor)
+            return
+        start, previous = time.perf_counter(), self.stage_a.scale_factor
+        try:
+            with self.averaged() as stage_a:
+                moments = measure_latent_scale(stage_a, datamodule, self.latent_scale_images, batch_size)
+        except MeasurementFailed as exn:  # the same on every rank; the trained weights must still be saved
+            log.error("%s; the final checkpoint keeps scale_factor=%s: run scripts/measure_latent_scale.py on it "
+                      "before training Stage B", exn, previous)
+            return
+        for network in (self.stage_a, self.ema.module if self.ema is not None else None):
+            if network is not None:
+                network.set_scale_factor(moments.scale_factor)
+        self.log("train/latent_scale", moments.scale_factor, on_step=True, on_epoch=False)
+        if self.trainer.is_global_zero:
+            log.info("Stage A latent scale over %d images: rms %.6g (std %.6g, mean %.4g); scale_factor %s -> %.6g "
+                     "(%.1f s)", moments.num_images, moments.rms, moments.std, moments.mean, previous,
+                     moments.scale_factor, time.perf_counter() - start)
 
     def preview(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         images = batch["images"]
