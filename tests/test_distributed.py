@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import JOINT_COMPRESSOR, common, losses_by_step, output, run
 
+from wuerstchen.training.distributed import all_finite
 from wuerstchen.weights import load_network
 
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
@@ -252,3 +253,12 @@ def test_fsdp_stage_b_with_activation_checkpointing_sync_batchnorm_and_previews(
     assert (run_dir / "previews" / "step_0000004_sample_ema.png").exists()
     stage_b, _ = load_network("b", run_dir / "checkpoints" / "last.ckpt")
     assert stage_b.config["c_hidden"] == [32, 64, 128]
+
+
+def test_all_finite_spots_any_nan_or_inf_in_one_multi_tensor_pass() -> None:
+    grads = [torch.randn(4, 4), torch.empty(0), torch.randn(3).to(torch.bfloat16), None]
+    assert all_finite(grads, torch.device("cpu"))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        broken = [g.clone() if g is not None else None for g in grads]
+        broken[2][1] = bad
+        assert not all_finite(broken, torch.device("cpu")), bad

@@ -134,12 +134,15 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device | str) -> nn.
 
 # --------------------------------------------------------------------------------------------- non-finite steps
 def all_finite(tensors: Iterable[torch.Tensor | None], device: torch.device) -> bool:
-    """Whether every tensor is finite on every rank: device-side checks (empty FSDP shards included), one all-reduce
-    and a single host sync, not one per tensor."""
+    """Whether every tensor is finite on every rank: one multi-tensor norm on the device (a NaN or inf anywhere in a
+    tensor makes its norm non-finite; empty FSDP shards have norm 0), one all-reduce and a single host sync. A
+    finite gradient whose norm overflows (entries beyond ~1e19 in fp32) counts as non-finite too: its step would
+    be garbage anyway."""
     local = [t.to_local() if isinstance(t, torch.distributed.tensor.DTensor) else t for t in tensors if t is not None]
     finite = torch.ones((), device=device)
     if local:
-        finite = torch.stack([torch.isfinite(t).all().to(device) for t in local]).all().to(torch.float32)
+        norms = torch.stack([norm.to(device, torch.float32) for norm in torch._foreach_norm(local)])
+        finite = torch.isfinite(norms).all().to(torch.float32)
     if distributed_world() > 1:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     return bool(finite.item())
