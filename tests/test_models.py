@@ -62,16 +62,13 @@ def test_stage_b_matches_diffusers_both_ways(batch: int, height: int, width: int
     effnet, clip = torch.randn(batch, 16, 3, 5), torch.randn(batch, 77, 20)
     with torch.no_grad():
         expected = theirs(x, r, effnet, clip)
-        # fp32 rounding relative to the output's scale (up to ~30): our GRN sums squares where diffusers calls
-        # torch.norm, the same value in another summation order
-        assert (ours(x, r, effnet, clip) - expected).abs().max() <= 2e-6 * expected.abs().max()
+        assert (ours(x, r, effnet, clip) - expected).abs().max() <= 1e-5
         assert expected.abs().max() > 1.0  # a real signal, not a zeroed output
     ours = randomise(StageB(**TINY_B), seed=1)
     theirs = WuerstchenDiffNeXt(**TINY_B).eval()
     theirs.load_state_dict(released_to_diffusers(ours.state_dict()), strict=True)
     with torch.no_grad():
-        expected = theirs(x, r, effnet, clip)
-        assert (ours(x, r, effnet, clip) - expected).abs().max() <= 2e-6 * expected.abs().max()
+        assert (ours(x, r, effnet, clip) - theirs(x, r, effnet, clip)).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize(("builder", "config", "params", "keys", "diffusers_keys"), [
@@ -118,10 +115,6 @@ def test_stage_c_input_and_text_mappers_start_from_the_official_normal_init() ->
         assert torch.count_nonzero(layer.bias) == 0
     xavier = model.blocks[0].channelwise[0].weight.detach()  # still Xavier-uniform: bounded by sqrt(6 / fan sum)
     assert xavier.abs().max().item() <= (6 / sum(xavier.shape[:2])) ** 0.5 and xavier.std().item() > 0.03
-    torch.manual_seed(0)  # narrow priors keep Xavier there (input_init_std=None): sqrt(2 / (16 + 256)) = 0.086
-    narrow = StageC(c_in=16, c=256, c_cond=64, c_r=8, depth=1, nhead=4, input_init_std=None)
-    assert abs(narrow.projection.weight.std().item() - (2 / 272) ** 0.5) < 0.005
-    assert "input_init_std" not in narrow.config  # initialisation only: checkpoints and exports don't carry it
 
 
 @pytest.mark.parametrize("builder", ["b", "c"])
