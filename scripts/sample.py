@@ -19,22 +19,21 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import save_image
 
 from wuerstchen.diffusion import linear_timesteps, stage_c_timesteps
-from wuerstchen.models.text_encoder import TextEncoder
+from wuerstchen.models.text_encoder import TextEncoder, recorded_text_encoder
 from wuerstchen.pipeline import Pipeline
 from wuerstchen.weights import checkpoint_info, load_network
 
 log = logging.getLogger(__name__)
 
 
-def text_encoder(override: DictConfig | None, ckpt: str, name: str) -> TextEncoder:
-    """The text encoder a checkpoint was trained with, or the one the config names."""
+def text_encoder(override: DictConfig | None, ckpt: str, key: str) -> TextEncoder:
+    """The text encoder a checkpoint was trained with, or the one the config key ``key`` names."""
     if override is not None:
         return TextEncoder(**OmegaConf.to_container(override))
-    recorded = (checkpoint_info(ckpt).get("text_encoders") or {}).get(name)
+    recorded = recorded_text_encoder(ckpt)
     if recorded is None:
-        raise ValueError(f"{ckpt} records no text encoder: set {'text_encoder' if name == 'text_encoder' else name}"
-                         f"={{model_name: ..., pretrained: ...}}")
-    return TextEncoder.from_record(recorded)
+        raise ValueError(f"{ckpt} records no text encoder: set {key}={{model_name: ..., pretrained: ...}}")
+    return TextEncoder(**recorded)
 
 
 def load_pipeline(cfg: DictConfig, device: torch.device) -> Pipeline:
@@ -44,7 +43,7 @@ def load_pipeline(cfg: DictConfig, device: torch.device) -> Pipeline:
     effnet, _ = load_network("effnet", cfg.stage_b_ckpt)
     stage_a, _ = load_network("a", cfg.stage_a_ckpt or cfg.stage_b_ckpt)
     encoder_c = text_encoder(cfg.text_encoder, cfg.stage_c_ckpt, "text_encoder")
-    encoder_b = text_encoder(cfg.decoder_text_encoder, cfg.stage_b_ckpt, "text_encoder")
+    encoder_b = text_encoder(cfg.decoder_text_encoder, cfg.stage_b_ckpt, "decoder_text_encoder")
     for module in (stage_c, stage_b, effnet, stage_a, encoder_c, encoder_b):
         module.to(device).eval()
     # the latent size rule Stage C trained with (recorded in our checkpoints); released weights: ceil(side / 42.67)

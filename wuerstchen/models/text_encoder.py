@@ -154,6 +154,15 @@ class TextEncoder(nn.Module):
         return self.encode_tokens(tokens)
 
 
+def recorded_text_encoder(path: str | os.PathLike, name: str = "text_encoder") -> dict[str, Any] | None:
+    """The ``TextEncoder`` config a training checkpoint of ours at ``path`` records under ``name`` (completed as
+    :func:`complete_record` does), or None: released weights, exports and diffusers folders record none."""
+    from ..weights import checkpoint_info  # the weights package imports the networks
+
+    recorded = (checkpoint_info(path).get("text_encoders") or {}).get(name)
+    return None if recorded is None else complete_record(recorded)
+
+
 def text_encoder_for(path: str | os.PathLike, fallback: Mapping[str, Any], pretrained: str | None = None,
                      name: str = "text_encoder") -> TextEncoder:
     """The text encoder a training checkpoint of ours at ``path`` records under ``name`` (fine-tuning our own prior
@@ -162,13 +171,11 @@ def text_encoder_for(path: str | os.PathLike, fallback: Mapping[str, Any], pretr
     ``pretrained`` replaces the recorded weights' location (a hub tag recorded on one cluster, a local file on
     another); the architecture and tokenisation stay as recorded.
     """
-    from ..weights import checkpoint_info  # the weights package imports the networks
-
-    recorded = (checkpoint_info(path).get("text_encoders") or {}).get(name)
+    recorded = recorded_text_encoder(path, name)
     if recorded is None:
         record, source = dict(fallback), "the config's fallback (the weights record no text encoder)"
     else:
-        record, source = complete_record(recorded), f"recorded in {path}"
+        record, source = recorded, f"recorded in {path}"
     if pretrained is not None:
         record["pretrained"] = pretrained
     log.info("text encoder %s (%s)", record.get("model_name"), source)

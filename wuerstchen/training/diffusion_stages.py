@@ -15,9 +15,9 @@ import torch
 from ..data.cached import CLIP, LATENT, STAGE_A, CachedDataset, check_cache_matches
 from ..diffusion import add_noise, diffusion_loss, sample_t
 from ..models import SemanticCompressor, StageA, StageB, StageC
-from ..models.text_encoder import TextEncoder, complete_record
+from ..models.text_encoder import TextEncoder, recorded_text_encoder
 from ..pipeline import sample_decoder, sample_prior
-from ..weights import checkpoint_info, read_weights
+from ..weights import read_weights
 from ..weights.formats import shape_mismatches
 from .base import Frozen, StageModule, drop_captions, load_frozen
 from .distributed import SyncBatchNorm, convert_sync_batchnorm, distributed_world, union_over_ranks
@@ -182,9 +182,8 @@ class StageCModule(DiffusionStageModule):
         except (KeyError, ValueError):
             return {}
         if decoder_text_encoder is None:
-            recorded = (checkpoint_info(stage_b_ckpt).get("text_encoders") or {}).get("text_encoder")
-            same = recorded is None or complete_record(recorded) == text_encoder.config
-            decoder_text_encoder = text_encoder if same else TextEncoder.from_record(recorded)
+            recorded = recorded_text_encoder(stage_b_ckpt)
+            decoder_text_encoder = text_encoder if recorded in (None, text_encoder.config) else TextEncoder(**recorded)
         modules["decoder_text_encoder"] = decoder_text_encoder
         return modules
 
