@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DATA_DIR ?= data/synthetic
 PYTEST_ARGS ?=
 
-.PHONY: setup demo data test test-all slurm-deps bench-data clean
+.PHONY: setup demo data test test-unit test-all slurm-deps bench-data clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ demo: setup data
 test: setup
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+# Unit tests alone (pure functions and networks, no training run): about two minutes.
+test-unit: setup
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q -m "not slow" tests/unit $(PYTEST_ARGS)
+
 test-all: setup
 	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q $(PYTEST_ARGS)
 
@@ -44,7 +48,7 @@ slurm-deps:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends slurmctld slurmd slurm-client munge \
 	  || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
 	      slurmctld slurmd slurm-client munge); \
-	else echo "slurm: not installed and no root apt-get; tests/test_slurm.py will be skipped"; fi
+	else echo "slurm: not installed and no root apt-get; tests/integration/test_slurm.py will be skipped"; fi
 
 bench-data: setup
 	$(PY) scripts/bench_data.py

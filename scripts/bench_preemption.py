@@ -26,6 +26,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
+from wuerstchen.weights import checkpoint as schema
+
 MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model" / "stage_c"
 
 
@@ -58,9 +60,12 @@ def stage_c(preset: str, device: str) -> torch.nn.Module:
 
 
 def checkpoint_state(network: torch.nn.Module) -> dict:
-    """What a Stage C checkpoint holds: weights, EMA weights, and AdamW's first and second moments."""
+    """What a Stage C checkpoint holds (``wuerstchen/weights/checkpoint.py``): the weights and the EMA copy in the
+    state dict, and AdamW's first and second moments."""
     weights = {k: v.detach() for k, v in network.state_dict().items()}
-    return {"state_dict": weights, "ema": {k: v.clone() for k, v in weights.items()},
+    state = {f"stage_c.{k}": v for k, v in weights.items()}
+    state.update({f"{schema.EMA_NETWORK}.{k}": v.clone() for k, v in weights.items()})
+    return {schema.STATE_DICT: state, schema.EMA_OF: "stage_c",
             "optimizer_states": [{"state": {i: {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
                                             for i, p in enumerate(network.parameters())}}]}
 

@@ -7,9 +7,12 @@ sizes; optionally the device-hours a schedule of N samples takes.
                                 [--device cpu|cuda] [--dtype fp32|bf16] [--peak-tflops X] [--project SAMPLES]
                                 [--steps 10] [--warmup 3] [--json out.json]
 
-Stage C (``--latent``: sides of its 16-channel latent): one step is what ``StageCModule`` does per batch. Online, the
-compressor's forward on the images' 0.75x views (32 x latent px) and the text encoder's forward on 77-token captions;
-then (both modes) the eps loss of the prior at the official t-sampler with p2 weight, backward and an AdamW step.
+A step is the stage module's own computation (``DiffusionStageModule.losses``: the stage's conditioning, online or
+cached, with its training-time dropout, then the eps objective), backward and an AdamW step.
+
+Stage C (``--latent``: sides of its 16-channel latent): online, the compressor's forward on the images' 0.75x views
+(32 x latent px) and the text encoder's forward on 77-token captions (fp32, outside autocast, as training runs the
+frozen networks); then (both modes) the eps loss of the prior at the official t-sampler with p2 weight.
 
 Stage B (``--image``: image sides): online, the frozen Stage A encoder on the images and the text encoder, and the
 compressor (fine-tuned jointly, as the recipe does) forward and backward on the 0.75x views; ``cached``: Stage A
@@ -44,10 +47,10 @@ import hydra  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from wuerstchen.data import compressor_size  # noqa: E402
-from wuerstchen.diffusion import diffusion_loss, sample_t  # noqa: E402
 from wuerstchen.models import SemanticCompressor, StageC  # noqa: E402
+from wuerstchen.models.compressor import view_size  # noqa: E402
 from wuerstchen.models.text_encoder import TextEncoder  # noqa: E402
+from wuerstchen.training import StageBModule, StageCModule  # noqa: E402
 from wuerstchen.training.callbacks import flop_counter, peak_tflops  # noqa: E402
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -78,21 +81,28 @@ def captions(batch: int) -> list[str]:
 
 
 class Bench:
-    """Stage C: the networks of one preset and a step function for a given latent size and data mode."""
+    """Stage C: the stage's own module (``StageCModule``: its conditioning and objective, ``losses``) over the networks
+    of one preset, and a step of it for a given latent size and data mode."""
 
     data_modes = ("online", "cached")
 
     def __init__(self, preset: dict[str, Any], device: torch.device, dtype: torch.dtype) -> None:
         self.device, self.dtype = device, dtype
-        self.prior = StageC(c_in=16, **preset["stage_c"]).to(device).train()
-        self.effnet = SemanticCompressor(**preset["effnet"]).to(device).eval().requires_grad_(False)
-        self.text = TextEncoder(model_name=preset["text"]).to(device)
-        self.optimizer = torch.optim.AdamW(self.prior.parameters(), lr=1e-4)
-        self.trained = self.prior
-        self.forward = self.prior
+        text = TextEncoder(model_name=preset["text"])
+        self.module = StageCModule(
+            stage_c=StageC(c_in=16, **preset["stage_c"]), text_encoder=text,
+            effnet=SemanticCompressor(**preset["effnet"]), optimizer=torch.optim.AdamW).to(device)
+        self.module.frozen.to(device)
+        self.setup()
+
+    def setup(self) -> None:
+        self.module.train()
+        self.trained = self.module.network
+        self.optimizer = torch.optim.AdamW(list(self.module.trainable_parameters()), lr=1e-4)
 
     def compile(self) -> None:
-        self.forward = torch.compile(self.trained)
+        name = self.module.trained[0]
+        setattr(self.module, name, torch.compile(self.trained))
 
     def autocast(self) -> torch.autocast:
         """bf16 autocast when asked for (FLOP counting on the meta device runs without: the count is the same)."""
@@ -103,81 +113,62 @@ class Bench:
     def size(self, side: int) -> str:
         return f"{side}x{side}"
 
+    def cached_text(self, batch: int) -> dict[str, torch.Tensor]:
+        """What a cache holds of the captions: their token states and those of "" (caption dropout)."""
+        text = self.module.conditioning
+        return {"clip": text.text_states({"captions": captions(batch)}, rng=None), "empty_clip": text.empty_caption()}
+
     def inputs(self, batch: int, latent: int, data: str) -> dict[str, Any]:
+        out: dict[str, Any] = {"captions": captions(batch)}
         if data == "online":  # uint8-range images already normalised: the loader's part is not timed here
             side = 32 * latent
-            return {"effnet_images": torch.randn(batch, 3, side, side, device=self.device),
-                    "captions": captions(batch)}
-        with torch.no_grad():  # what a cache holds: latents and token states
-            return {"latents": torch.randn(batch, 16, latent, latent, device=self.device),
-                    "clip": self.text(captions(batch)).to(self.device)}
+            out["effnet_images"] = torch.randn(batch, 3, side, side, device=self.device)
+            return out
+        return {**out, **self.cached_text(batch), "latents": torch.randn(batch, 16, latent, latent, device=self.device)}
 
     def step(self, batch: dict[str, Any]) -> None:
+        """The training step's computation: the module's losses (conditioning with dropout, objective), backward,
+        AdamW."""
         with self.autocast():
-            if "effnet_images" in batch:
-                with torch.no_grad():
-                    x0 = self.effnet.to_prior(self.effnet(batch["effnet_images"])).float()
-                    clip = self.text(batch["captions"])
-            else:
-                x0, clip = batch["latents"], batch["clip"]
-            t = sample_t(x0.shape[0], device=self.device)
-            loss = diffusion_loss(self.forward, x0, t, torch.randn_like(x0), weighting="code", clip=clip)["loss"]
+            loss = self.module.losses(batch, train=True)["loss"]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
 
 
 class DecoderBench(Bench):
-    """Stage B: decoder, frozen Stage A and text encoder, and the compressor (trained jointly, or frozen and cached)."""
+    """Stage B: ``StageBModule`` over decoder, frozen Stage A and text encoder, and the compressor, trained jointly as
+    the recipe does (the one optimizer over both); a cached frozen compressor's latents leave its gradients empty
+    and AdamW skips it."""
 
     data_modes = ("online", "cached", "cached_frozen")
 
     def __init__(self, preset: dict[str, Any], device: torch.device, dtype: torch.dtype) -> None:
         self.device, self.dtype = device, dtype
         name, overrides = preset["stage_b"]
-        self.decoder = from_config("stage_b", name, **overrides).to(device).train()
-        self.stage_a = from_config("stage_a", preset["stage_a"]).to(device).eval().requires_grad_(False)
-        self.effnet = SemanticCompressor(**preset["effnet"]).to(device).train()
-        self.text = TextEncoder(model_name=preset["text"]).to(device)
-        # the recipe's single optimizer over decoder and compressor; a cached (frozen) latent leaves the compressor's
-        # gradients empty and AdamW skips it
-        self.optimizer = torch.optim.AdamW([*self.decoder.parameters(), *self.effnet.parameters()], lr=1e-4)
-        self.trained = self.decoder
-        self.forward = self.decoder
+        self.module = StageBModule(
+            stage_b=from_config("stage_b", name, **overrides), effnet=SemanticCompressor(**preset["effnet"]),
+            text_encoder=TextEncoder(model_name=preset["text"]), stage_a=from_config("stage_a", preset["stage_a"]),
+            optimizer=torch.optim.AdamW).to(device)
+        self.module.frozen.to(device)
+        self.setup()
 
     def size(self, side: int) -> str:
         return f"{side}px"
 
     def inputs(self, batch: int, side: int, data: str) -> dict[str, Any]:
-        view = compressor_size(side)
+        view = view_size(side)
         out: dict[str, Any] = {"captions": captions(batch)}
         if data == "online":
             out["images"] = torch.rand(batch, 3, side, side, device=self.device)
         else:
-            with torch.no_grad():
-                out["stage_a_latents"] = torch.randn(batch, 4, side // 4, side // 4, device=self.device)
-                out["clip"] = self.text(captions(batch)).to(self.device)
+            out.update(self.cached_text(batch),
+                       stage_a_latents=torch.randn(batch, 4, side // 4, side // 4, device=self.device))
         if data == "cached_frozen":
             out["latents"] = torch.randn(batch, 16, view // 32, view // 32, device=self.device)
         else:
             out["effnet_images"] = torch.randn(batch, 3, view, view, device=self.device)
         return out
-
-    def step(self, batch: dict[str, Any]) -> None:
-        with self.autocast():
-            if "images" in batch:
-                with torch.no_grad():
-                    x0 = self.stage_a.encode(batch["images"]).float()
-                    clip = self.text(batch["captions"])
-            else:
-                x0, clip = batch["stage_a_latents"], batch["clip"]
-            effnet = batch["latents"] if "latents" in batch else self.effnet(batch["effnet_images"])
-            t = sample_t(x0.shape[0], device=self.device)
-            loss = diffusion_loss(self.forward, x0, t, torch.randn_like(x0), weighting="code", effnet=effnet,
-                                  clip=clip)["loss"]
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
 
 
 def synchronize(device: torch.device) -> None:
@@ -221,7 +212,7 @@ def project(row: dict[str, Any], samples: float) -> dict[str, Any]:
     return out
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", default="c", choices=["b", "c"])
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
@@ -241,25 +232,23 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
-    preset = PRESETS[args.preset]
     kind = DecoderBench if args.stage == "b" else Bench
-    modes = args.data or kind.data_modes
-    if set(modes) - set(kind.data_modes):
-        parser.error(f"--data {sorted(set(modes) - set(kind.data_modes))}: Stage {args.stage.upper()} has "
+    if set(args.data or ()) - set(kind.data_modes):
+        parser.error(f"--data {sorted(set(args.data) - set(kind.data_modes))}: Stage {args.stage.upper()} has "
                      f"{list(kind.data_modes)}")
+    return args
+
+
+def measure_all(args: argparse.Namespace, bench: Bench, peak: float | None) -> list[dict[str, Any]]:
+    """One row per (compile, size, data mode), each with its MFU, projection and rate relative to online."""
     sizes = args.image if args.stage == "b" else args.latent
-    batch_size = args.batch or preset["batch_b" if args.stage == "b" else "batch"]
-    peak = args.peak_tflops or peak_tflops(device)
-    with device if device.type == "meta" else contextlib.nullcontext():
-        bench = kind(preset, device, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    batch_size = args.batch or PRESETS[args.preset]["batch_b" if args.stage == "b" else "batch"]
     rows = []
     for compiled in ([False, True] if args.compile else [False]):
         if compiled:
             bench.compile()
         for size in sizes:
-            for data in modes:
+            for data in args.data or type(bench).data_modes:
                 row = measure(bench, batch_size, size, data, args.steps, args.warmup)
                 row["compile"] = compiled
                 achieved = row.pop("achieved_tflops")
@@ -272,6 +261,11 @@ def main() -> None:
                        and r["compile"] == row["compile"]), None)
         row["vs_online"] = round(row["samples_per_s"] / online["samples_per_s"], 2) \
             if online and row["samples_per_s"] else None
+    return rows
+
+
+def print_table(args: argparse.Namespace, bench: Bench, rows: list[dict[str, Any]], peak: float | None) -> None:
+    device = bench.device
     params = sum(p.numel() for p in bench.trained.parameters())
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or device.type
     print(f"Stage {args.stage.upper()} preset {args.preset} ({params / 1e6:.2f} M parameters trained"
@@ -287,6 +281,18 @@ def main() -> None:
     print("|" + "---|" * len(keys))
     for row in rows:
         print("| " + " | ".join("-" if row[k] is None else str(row[k]) for k in keys) + " |")
+
+
+def main() -> None:
+    args = parse_args()
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    peak = args.peak_tflops or peak_tflops(device)
+    kind = DecoderBench if args.stage == "b" else Bench
+    with device if device.type == "meta" else contextlib.nullcontext():
+        bench = kind(PRESETS[args.preset], device, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    rows = measure_all(args, bench, peak)
+    print_table(args, bench, rows, peak)
     if args.json:
         args.json.write_text(json.dumps({"stage": args.stage, "preset": args.preset, "device": str(device),
                                          "rows": rows}, indent=1) + "\n")

@@ -34,7 +34,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from torch import nn  # noqa: E402
 
-from wuerstchen.data.transforms import latent_size  # noqa: E402
+from wuerstchen.models.compressor import latent_size  # noqa: E402
 from wuerstchen.models import SemanticCompressor, StageC  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

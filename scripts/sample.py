@@ -19,38 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import save_image
 
 from wuerstchen.diffusion import linear_timesteps, stage_c_timesteps
-from wuerstchen.models.text_encoder import TextEncoder, recorded_text_encoder
 from wuerstchen.pipeline import Pipeline
-from wuerstchen.weights import checkpoint_info, load_network
 
 log = logging.getLogger(__name__)
-
-
-def text_encoder(override: DictConfig | None, ckpt: str, key: str) -> TextEncoder:
-    """The text encoder a checkpoint was trained with, or the one the config key ``key`` names."""
-    if override is not None:
-        return TextEncoder(**OmegaConf.to_container(override))
-    recorded = recorded_text_encoder(ckpt)
-    if recorded is None:
-        raise ValueError(f"{ckpt} records no text encoder: set {key}={{model_name: ..., pretrained: ...}}")
-    return TextEncoder(**recorded)
-
-
-def load_pipeline(cfg: DictConfig, device: torch.device) -> Pipeline:
-    prefer_ema = bool(cfg.ema)
-    stage_c, _ = load_network("c", cfg.stage_c_ckpt, prefer_ema=prefer_ema)
-    stage_b, _ = load_network("b", cfg.stage_b_ckpt, prefer_ema=prefer_ema)
-    effnet, _ = load_network("effnet", cfg.stage_b_ckpt)
-    stage_a, _ = load_network("a", cfg.stage_a_ckpt or cfg.stage_b_ckpt)
-    encoder_c = text_encoder(cfg.text_encoder, cfg.stage_c_ckpt, "text_encoder")
-    encoder_b = text_encoder(cfg.decoder_text_encoder, cfg.stage_b_ckpt, "decoder_text_encoder")
-    for module in (stage_c, stage_b, effnet, stage_a, encoder_c, encoder_b):
-        module.to(device).eval()
-    # the latent size rule Stage C trained with (recorded in our checkpoints); released weights: ceil(side / 42.67)
-    info = checkpoint_info(cfg.stage_c_ckpt)
-    effnet_scale = cfg.get("effnet_scale") or info.get("effnet_scale")
-    trained = [tuple(size) for size in info["latent_sizes"]] if info.get("latent_sizes") else None
-    return Pipeline(stage_c, stage_b, stage_a, effnet, encoder_c, encoder_b, effnet_scale, trained)
 
 
 def prompts(cfg: DictConfig) -> list[str]:
@@ -70,7 +41,11 @@ def slug(text: str) -> str:
 def main(cfg: DictConfig) -> None:
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
-    pipeline = load_pipeline(cfg, device)
+    options = OmegaConf.to_container(cfg, resolve=True)
+    pipeline = Pipeline.from_checkpoints(
+        cfg.stage_c_ckpt, cfg.stage_b_ckpt, cfg.stage_a_ckpt, text_encoder=options["text_encoder"],
+        decoder_text_encoder=options["decoder_text_encoder"], effnet_scale=cfg.effnet_scale, ema=bool(cfg.ema),
+        device=device)
     jobs = [p for p in prompts(cfg) for _ in range(cfg.num_images)]
     grid = stage_c_timesteps() if cfg.steps == 29 else linear_timesteps(cfg.steps)
     out = Path(cfg.out)

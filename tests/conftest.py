@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import JOINT_COMPRESSOR, SIZE, common, run
+from helpers import JOINT_COMPRESSOR, SIZE, common, train_here
 from PIL import Image
 
 from wuerstchen.data.synthetic import write_synthetic_shards
@@ -79,16 +79,16 @@ def shards(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def chain(shards: Path, tmp_path_factory) -> dict[str, Path]:
-    """Tiny compressor pretraining and Stage A, then B on both, then C on B, 60 steps each through scripts/train.py
-    (about a minute and a half)."""
+    """Tiny compressor pretraining and Stage A, then B on both, then C on B, 60 steps each through
+    ``wuerstchen.train.train`` in this process (what scripts/train.py runs; about 40 s)."""
     root = tmp_path_factory.mktemp("runs")
     runs = {name: root / name for name in ("effnet", "a", "b", "c")}
-    run("train.py", "experiment=demo_effnet", *common(shards, runs["effnet"], 60), "data.batch_size=16")
-    run("train.py", "experiment=demo_stage_a", *common(shards, runs["a"], 60), "stage.stage_a.c_hidden=16",
-        "stage.latent_scale_images=64", "stage.disc_start=40", "data.batch_size=8")
-    run("train.py", "experiment=demo_stage_b", *common(shards, runs["b"], 60), "data.batch_size=8",
-        f"stage_a_ckpt={runs['a'] / 'checkpoints' / 'last.ckpt'}",
-        f"stage.effnet_init={runs['effnet'] / 'checkpoints' / 'last.ckpt'}", *JOINT_COMPRESSOR)
-    run("train.py", "experiment=demo_stage_c", *common(shards, runs["c"], 60), "data.batch_size=16",
-        f"stage_b_ckpt={runs['b'] / 'checkpoints' / 'last.ckpt'}", "stage.ema.start_step=10")
+    train_here("experiment=demo_effnet", *common(shards, runs["effnet"], 60), "data.batch_size=16")
+    train_here("experiment=demo_stage_a", *common(shards, runs["a"], 60), "stage.stage_a.c_hidden=16",
+               "stage.latent_scale_images=64", "stage.disc_start=40", "data.batch_size=8")
+    train_here("experiment=demo_stage_b", *common(shards, runs["b"], 60), "data.batch_size=8",
+               f"stage_a_ckpt={runs['a'] / 'checkpoints' / 'last.ckpt'}",
+               f"effnet_init={runs['effnet'] / 'checkpoints' / 'last.ckpt'}", *JOINT_COMPRESSOR)
+    train_here("experiment=demo_stage_c", *common(shards, runs["c"], 60), "data.batch_size=16",
+               f"stage_b_ckpt={runs['b'] / 'checkpoints' / 'last.ckpt'}", "stage.ema.start_step=10")
     return runs

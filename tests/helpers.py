@@ -1,12 +1,20 @@
-"""Helpers for tests that train through the real entry points (scripts/train.py and friends)."""
+"""Helpers for tests that train through the real entry points: ``wuerstchen.train.train`` in this process, or
+scripts/train.py and friends as a subprocess where the process itself is under test."""
 
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from wuerstchen.train import TrainResult
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64  # side of the synthetic training images
@@ -21,6 +29,33 @@ def run(script: str, *overrides: str, check: bool = True, timeout: int = 600) ->
     if check:
         assert result.returncode == 0, result.stderr[-4000:]
     return result
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def train_here(*overrides: str) -> tuple[TrainResult, str]:
+    """``train(compose(overrides))`` in this process, as ``python scripts/train.py overrides...`` runs it, and the
+    INFO-and-up log lines it wrote. Single-process runs only: Lightning's DDP launcher re-runs this process's command
+    line (pytest) for the other ranks, so DDP and FSDP tests run scripts/train.py with :func:`run`."""
+    from wuerstchen.train import compose, train
+
+    records, root = _Records(), logging.getLogger()
+    level = root.level
+    root.addHandler(records)
+    root.setLevel(logging.INFO)
+    try:
+        result = train(compose(overrides))
+    finally:
+        root.removeHandler(records)
+        root.setLevel(level)
+    return result, "\n".join(records.lines)
 
 
 def output(result: subprocess.CompletedProcess) -> str:
@@ -55,8 +90,6 @@ def losses_by_step(run_dir: Path, key: str = "train/loss") -> dict[int, str]:
 def stage_c_inputs(stage_b_ckpt: Path, shards: Path, size: int, batch_size: int):
     """(batch, compressor latents, text states) for the first centre-cropped batch of ``shards`` through the frozen
     compressor and text encoder a Stage B checkpoint holds (what Stage C sees online; demo views at 1.5x)."""
-    import torch
-
     from wuerstchen.data import ImageTransform, WebImageTextDataset, to_model_inputs
     from wuerstchen.models.text_encoder import TextEncoder
     from wuerstchen.weights import checkpoint_info, load_network
@@ -78,3 +111,25 @@ def common(shards: Path, run_dir: Path, steps: int, every: int = 20) -> list[str
             f"trainer.max_steps={steps}", "trainer.log_every_n_steps=1", f"callbacks.checkpoint.every_n_steps={every}",
             f"callbacks.preview.every_n_steps={every}", "callbacks.preview.num_images=2",
             "callbacks.progress.refresh_rate=0"]
+
+
+# tiny layouts of the released architectures, for parity and format tests
+TINY_C = dict(c_in=16, c=32, c_cond=24, c_r=8, depth=2, nhead=4)
+TINY_B = dict(c_hidden=[16, 32], nhead=[-1, 4], blocks=[1, 2], level_config=["CT", "CTA"],
+              inject_effnet=[False, True], effnet_embd=16, clip_embd=20, c_cond=24, c_r=8)
+
+
+def randomise(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random parameters everywhere: zero-initialised layers would hide wiring errors."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    return module.eval()
+
+
+def tame_prior_output(module: torch.nn.Module) -> None:
+    """Keep |1 - B| away from 0: the A/B parameterisation divides by it and would amplify rounding into noise."""
+    with torch.no_grad():
+        module.out[1].weight.mul_(0.1)
+        module.out[1].bias.zero_()

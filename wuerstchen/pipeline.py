@@ -3,31 +3,21 @@ latent conditioned on it, Stage A decodes to pixels."""
 
 from __future__ import annotations
 
-import math
+import os
 import warnings
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from .data.transforms import latent_size
 from .diffusion import classifier_free_guidance, ddpm_sample, linear_timesteps
 from .diffusion.sampling import guided_scale
 from .models import SemanticCompressor, StageA, StageB, StageC
-
-
-def prior_latent_size(side: int, effnet_scale: float | None = None, compression: float = 42.67) -> int:
-    """Stage C latent side for an output side.
-
-    With ``effnet_scale`` (the compressor view / image side the prior was trained with; our Stage C checkpoints record
-    it) the training rule: ``effnet_scale * side`` snapped to 32, over the compressor's stride 32, so sampling sees
-    the latent size training saw. Without it (released weights) the released rule ceil(side / 42.67). The two agree
-    at 0.75 for every multiple of 128 (1024 -> 24, 1536 -> 36, 2048 -> 48).
-    """
-    if effnet_scale is not None:
-        return latent_size(side, effnet_scale)
-    return math.ceil(side / compression)
+from .models.compressor import prior_latent_size
+from .models.text_encoder import TextEncoder, complete_record
+from .weights import CheckpointFile, open_checkpoint
 
 
 class _Prior:
@@ -85,6 +75,19 @@ def sample_decoder(stage_b: StageB, stage_a: StageA, text_encoder: nn.Module, ef
     return stage_a.decode(latents).clamp(0, 1)
 
 
+def text_encoder_of(weights: str | os.PathLike | CheckpointFile, config: Mapping[str, Any] | None = None,
+                    key: str = "text_encoder") -> TextEncoder:
+    """The text encoder ``weights`` were trained with (our checkpoints record it), or the one ``config`` describes
+    (``TextEncoder`` arguments; converted released weights record none). ``key`` names the setting in the error."""
+    if config is not None:
+        return TextEncoder(**dict(config))
+    recorded = open_checkpoint(weights).text_encoder_record()
+    if recorded is None:
+        raise ValueError(f"{getattr(weights, 'path', weights)} records no text encoder: set "
+                         f"{key}={{model_name: ..., pretrained: ...}}")
+    return TextEncoder(**complete_record(recorded))
+
+
 @dataclass
 class Pipeline:
     """The three stages plus what conditions them; the text encoders may be one module (same CLIP) or two."""
@@ -98,6 +101,30 @@ class Pipeline:
     effnet_scale: float | None = None  # the compressor view scale Stage C trained with (None: the 42.67 rule)
     # the Stage C latent (h, w) sizes the prior trained on (our checkpoints record them); None: unknown (released)
     trained_latent_sizes: Collection[tuple[int, int]] | None = None
+
+    @classmethod
+    def from_checkpoints(cls, stage_c: str | os.PathLike, stage_b: str | os.PathLike,
+                         stage_a: str | os.PathLike | None = None, text_encoder: Mapping[str, Any] | None = None,
+                         decoder_text_encoder: Mapping[str, Any] | None = None, effnet_scale: float | None = None,
+                         ema: bool = True, device: torch.device | str = "cpu") -> Pipeline:
+        """The pipeline of trained weights (our checkpoints or exports, released files, diffusers folders), in eval
+        mode on ``device``.
+
+        Stage C comes from ``stage_c``; Stage B and the compressor, whose latent map undoes Stage C's, from
+        ``stage_b``; Stage A from ``stage_a``, by default the one ``stage_b`` holds (our Stage B checkpoints carry
+        it). ``ema``: the EMA weights where a checkpoint has them. The text encoders are the ones the checkpoints
+        record unless ``text_encoder`` (Stage C's) or ``decoder_text_encoder`` (Stage B's) give ``TextEncoder``
+        arguments. ``effnet_scale`` and the trained latent sizes default to what ``stage_c`` records; without them
+        (released weights) Stage C's latent side is ceil(side / 42.67)."""
+        c, b = open_checkpoint(stage_c), open_checkpoint(stage_b)  # each file opened once
+        prior, decoder = c.network("c", prefer_ema=ema), b.network("b", prefer_ema=ema)
+        effnet, vqgan = b.network("effnet"), open_checkpoint(stage_a or stage_b).network("a")
+        encoder_c = text_encoder_of(c, text_encoder, "text_encoder")
+        encoder_b = text_encoder_of(b, decoder_text_encoder, "decoder_text_encoder")
+        for module in (prior, decoder, effnet, vqgan, encoder_c, encoder_b):
+            module.to(device).eval()
+        return cls(prior, decoder, vqgan, effnet, encoder_c, encoder_b, effnet_scale or c.effnet_scale,
+                   c.latent_sizes)  # the latent size rule and the sizes Stage C trained with
 
     def prior_size(self, height: int, width: int) -> tuple[int, int]:
         """The Stage C latent (h, w) sampled for an output of height x width."""
@@ -114,8 +141,8 @@ class Pipeline:
         trained = {tuple(s) for s in self.trained_latent_sizes or ()}
         if trained and size not in trained:
             sides = ", ".join(f"{h}x{w}" for h, w in sorted(trained))
-            warnings.warn(f"{height}x{width} px samples Stage C latents of {size[0]}x{size[1]}, a size this prior never "
-                          f"trained on (it saw {sides}): expect broken layouts; sample at a trained size or fine-tune "
+            warnings.warn(f"{height}x{width} px samples Stage C latents of {size[0]}x{size[1]}, a size this prior "
+                          f"never trained on (it saw {sides}): expect broken layouts; sample at a trained size or fine-tune "
                           f"at this one (experiment=stage_c_finetune resolution=...)", UserWarning, stacklevel=2)
 
     def __call__(self, captions: Sequence[str], height: int, width: int, prior_steps: int | torch.Tensor = 60,

@@ -7,7 +7,7 @@ from .buckets import DEFAULT_RATIOS, AspectBuckets
 from .filters import LaionFilter
 from .pipeline import ERROR_PREFIX, REJECT_REASONS, NoUsableSamplesError, WebImageTextDataset
 from .shards import ShardSpecError, expand_shard_spec, split_shards
-from .transforms import ImageTransform, compressor_size, latent_size, to_model_inputs
+from .transforms import ImageTransform, to_model_inputs
 
 __all__ = [
     "DEFAULT_RATIOS",
@@ -19,9 +19,7 @@ __all__ = [
     "NoUsableSamplesError",
     "ShardSpecError",
     "WebImageTextDataset",
-    "compressor_size",
     "expand_shard_spec",
-    "latent_size",
     "split_shards",
     "to_model_inputs",
 ]

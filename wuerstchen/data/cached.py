@@ -1,4 +1,6 @@
-"""Frozen networks' outputs computed once (``scripts/cache_latents.py``) and streamed back without running them.
+"""The cache format: frozen networks' outputs computed once (:func:`write_cache`, ``scripts/cache_latents.py``) and
+streamed back without running them (:class:`CachedDataset`). What a stage stores and how it checks a cache comes from
+its conditioning (``wuerstchen/conditioning.py``), which training runs on cached and online batches alike.
 
 A cache is a folder of WebDataset shards, one per source shard and of the same name (a source whose name another
 source took, /b/00000.tar after /a/00000.tar, gets a hash of its URL added), plus ``empty_caption.npy`` (the text
@@ -16,28 +18,36 @@ Arrays are plain ``.npy`` (read with ``allow_pickle=False``), so any tool can re
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
+import logging
+import os
 import random
-from collections.abc import Sequence
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .buckets import BASE_MULTIPLE, AspectBuckets
 from .pipeline import Planned, RejectCounter, Rejected, WebImageTextDataset, describe, read_caption, read_json
-from .shards import ShardSpec
-from .transforms import compressor_size, latent_size, pil_to_uint8
+from .shards import ShardSpec, expand_shard_spec
+from ..models.compressor import latent_size, view_size
+from .transforms import ImageTransform, pil_to_uint8, to_model_inputs
 
 LATENT, CLIP, STAGE_A, EFFNET_VIEW = "latent.npy", "clip.npy", "stage_a.npy", "effnet.png"
 # what each stored file becomes in a batch
 BATCH_KEYS = {LATENT: "latents", CLIP: "clip", STAGE_A: "stage_a_latents", EFFNET_VIEW: "effnet_images"}
 EMPTY_CAPTION = "empty_caption.npy"
 INFO = "cache_info.json"
+log = logging.getLogger(__name__)
 
 
 def encode_npy(array: torch.Tensor | np.ndarray) -> bytes:
@@ -192,7 +202,7 @@ def expected_shapes(info: dict[str, Any], clip_shape: tuple[int, ...]) -> list[d
     c_stage_a, factor = stage_a.get("c_latent", 4), 2 ** stage_a.get("levels", 2)
     shapes = []
     for width, height in buckets:
-        view = (3, compressor_size(height, scale), compressor_size(width, scale))
+        view = (3, view_size(height, scale), view_size(width, scale))
         shapes.append({LATENT: (c_latent, latent_size(height, scale), latent_size(width, scale)),
                        STAGE_A: (c_stage_a, height // factor, width // factor), EFFNET_VIEW: view, CLIP: clip_shape})
     return shapes
@@ -272,3 +282,129 @@ def _decode_file(name: str, data: bytes) -> torch.Tensor:
         with Image.open(io.BytesIO(data)) as image:
             return pil_to_uint8(image.convert("RGB"))
     return torch.from_numpy(decode_npy(data))
+
+
+# -- writing a cache -------------------------------------------------------------------------------------------------
+_MTIME = 1_700_000_000.0  # constant member mtime: the same inputs give byte-identical shards
+
+
+class _ShardBatches(IterableDataset):
+    """Each loader worker decodes whole shards: yields (url, batch) per batch and (url, None) when a shard is done."""
+
+    def __init__(self, urls: list[str], make_dataset: Callable[[str], Iterable[dict[str, Any]]]) -> None:
+        super().__init__()
+        self.urls, self.make_dataset = urls, make_dataset
+
+    def __iter__(self) -> Iterator[tuple[str, dict[str, Any] | None]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for url in self.urls[worker::workers]:
+            for batch in self.make_dataset(url):
+                yield url, batch
+            yield url, None
+
+
+def _shard_dataset(url: str, **kwargs: Any) -> WebImageTextDataset:
+    """One source shard, read once in order (centre crops: the val transform), partial last batches included."""
+    return WebImageTextDataset([url], resample=False, num_batches=None, shuffle_buffer=0, **kwargs)
+
+
+class _ShardWriter:
+    """One output shard, written to ``.partial`` and renamed into place on ``close``."""
+
+    def __init__(self, dst: Path) -> None:
+        self.dst, self.partial = dst, dst.with_name(dst.name + ".partial")
+        self.tar = tarfile.open(self.partial, "w")
+        self.count = 0
+
+    def add(self, key: str, files: dict[str, bytes]) -> None:
+        for ext, data in files.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime = len(data), _MTIME
+            self.tar.addfile(info, io.BytesIO(data))
+        self.count += 1
+
+    def close(self) -> None:
+        self.tar.close()
+        os.replace(self.partial, self.dst)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _sample_files(conditioning: Any, batch: dict[str, Any], dtype: torch.dtype) -> list[dict[str, bytes]]:
+    """Per sample of a (model-input) batch: the cache's files (the conditioning's arrays, a trained compressor's
+    input view, the caption and the source's metadata)."""
+    files_of = {batch_key: name for name, batch_key in BATCH_KEYS.items()}
+    arrays = {files_of[key]: value.to(dtype).cpu() for key, value in conditioning.arrays(batch).items()}
+    keep_view = EFFNET_VIEW in conditioning.info()["arrays"]
+    files = []
+    for i in range(len(batch["keys"])):
+        sample = {name: encode_npy(value[i]) for name, value in arrays.items()}
+        if keep_view:
+            sample[EFFNET_VIEW] = encode_png(batch["views"][i])
+        sample.update(txt=batch["captions"][i].encode(), json=json.dumps(batch["meta"][i]).encode())
+        files.append(sample)
+    return files
+
+
+def write_cache(conditioning: Any, urls: ShardSpec, out: str | os.PathLike, *, image_size: int,
+                ratios: Sequence[float] = (1.0,), effnet_scale: float = 0.75, multiple: int = BASE_MULTIPLE,
+                batch_size: int = 64, num_workers: int = 4, dtype: str = "float16", filter: Any = None,
+                require_caption: bool = True, max_tries: int = 10, provenance: dict[str, Any] | None = None,
+                rank: int = 0, world_size: int = 1) -> dict[str, int]:
+    """Cache ``urls`` into ``out`` with a stage's conditioning (``wuerstchen.conditioning``: what it stores per sample,
+    ``arrays``, and how ``cache_info.json`` describes its networks, ``info``): this rank's share, resumably.
+
+    Shard i goes to rank i mod ``world_size``; ``num_workers`` loader processes decode whole shards each. A shard is
+    written to ``.partial`` and renamed when complete, so a re-run skips finished shards and redoes interrupted ones.
+    The views are centre crops of each sample's aspect bucket (``image_size``, ``ratios``, ``effnet_scale``,
+    ``multiple``: the data settings the stage trains with, recorded), so training from the cache sees the same crop
+    every epoch. The conditioning's networks run on the device they are on. ``provenance``: where the networks came
+    from (paths), recorded but free to differ between runs adding shards to one folder. Returns the data counts
+    (``accepted`` and the reject reasons).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    source = urls if isinstance(urls, str) else list(urls)
+    shards = list(dict.fromkeys(expand_shard_spec(source)))  # a shard named twice is cached once
+    record = {"source": source, **conditioning.info(), **(provenance or {}), "image_size": int(image_size),
+              "ratios": [float(r) for r in ratios], "effnet_scale": float(effnet_scale), "dtype": dtype,
+              "crop": "center", "multiple": int(multiple)}
+    info = prepare_cache_info(out, record, shards)  # every rank refuses a mismatch
+    names = {url: name for name, url in info["shards"].items()}
+    if rank == 0:
+        _write_atomic(out / EMPTY_CAPTION, encode_npy(conditioning.empty_caption().to(getattr(torch, dtype)).cpu()))
+        _write_atomic(out / INFO, (json.dumps(info, indent=1) + "\n").encode())
+
+    mine = [u for i, u in enumerate(shards) if i % world_size == rank]
+    todo = [u for u in mine if not (out / names[u]).exists()]
+    log.info("rank %d/%d: %d of %d shards to cache into %s (%d done before)", rank, world_size, len(todo), len(mine),
+             out, len(mine) - len(todo))
+    transform = ImageTransform(int(image_size), outputs=conditioning.image_outputs, ratios=list(ratios),
+                               effnet_scale=float(effnet_scale), random_crop=False, multiple=int(multiple))
+    make_dataset = functools.partial(_shard_dataset, batch_size=int(batch_size), transform=transform, filter=filter,
+                                     require_caption=require_caption, max_tries=int(max_tries))
+    loader = DataLoader(_ShardBatches(todo, make_dataset), batch_size=None, num_workers=min(num_workers, len(todo)))
+    device = next(conditioning.text_encoder.parameters()).device
+    writers: dict[str, _ShardWriter] = {}
+    totals: Counter[str] = Counter()
+    for url, batch in loader:
+        if batch is None:  # the shard is complete
+            writer = writers.pop(url, None) or _ShardWriter(out / names[url])
+            writer.close()
+            log.info("%s: %d samples", writer.dst.name, writer.count)
+            continue
+        if url not in writers:
+            writers[url] = _ShardWriter(out / names[url])
+        writer = writers[url]
+        totals.update(batch.pop("data_stats", {}))
+        batch["views"] = batch["effnet_images"]  # uint8, before to_model_inputs normalises the compressor's input
+        batch = to_model_inputs(batch)
+        batch = {k: v.to(device) if torch.is_tensor(v) and k != "views" else v for k, v in batch.items()}
+        for key, files in zip(batch["keys"], _sample_files(conditioning, batch, getattr(torch, dtype))):
+            writer.add(key, files)
+    return dict(totals)

@@ -14,7 +14,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .buckets import BASE_MULTIPLE, DEFAULT_RATIOS, AspectBuckets, snap
+from ..models.compressor import VIEW_SCALE, view_size
+from .buckets import BASE_MULTIPLE, DEFAULT_RATIOS, AspectBuckets
+
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -26,20 +28,6 @@ OUTPUT_KEYS = (IMAGES, EFFNET_IMAGES)
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
              "lanczos": Image.Resampling.LANCZOS}
-
-
-def compressor_size(side: int, scale: float = 0.75, multiple: int = 32) -> int:
-    """Compressor input side for an image side: ``scale * side`` snapped to a multiple of 32 (the paper feeds the
-    compressor 768 px views of 1024 px images).
-
-    1024 -> 768 (24x24 latent), 1536 -> 1152 (36x36), 2048 -> 1536 (48x48).
-    """
-    return snap(scale * side, multiple)
-
-
-def latent_size(side: int, scale: float = 0.75, stride: int = 32) -> int:
-    """Side of the 16-channel semantic latent Stage C works in, for an image side."""
-    return compressor_size(side, scale, stride) // stride
 
 
 def pil_to_uint8(image: Image.Image) -> torch.Tensor:
@@ -78,7 +66,7 @@ class ImageTransform:
 
     The crop box is chosen once in the source image's coordinates (resize to cover the bucket, then a random crop for
     training or a centre crop for validation), and each output is resampled straight from that box: ``images`` at the
-    bucket size (Stage A/B), ``effnet_images`` at ``compressor_size`` of each side (the semantic compressor). JPEGs are
+    bucket size (Stage A/B), ``effnet_images`` at ``view_size`` of each side (the semantic compressor). JPEGs are
     decoded at a reduced scale (``draft``) when the largest output allows, which makes small crops of large photos
     several times cheaper.
 
@@ -98,7 +86,7 @@ class ImageTransform:
     """
 
     def __init__(self, image_size: int, outputs: Sequence[str] = OUTPUT_KEYS, ratios: Sequence[float] = (1.0,),
-                 random_ratio_prob: float = 0.0, random_crop: bool = True, effnet_scale: float = 0.75,
+                 random_ratio_prob: float = 0.0, random_crop: bool = True, effnet_scale: float = VIEW_SCALE,
                  interpolation: str = "bicubic", multiple: int = BASE_MULTIPLE) -> None:
         unknown = set(outputs) - set(OUTPUT_KEYS)
         if unknown or not outputs:
@@ -121,7 +109,7 @@ class ImageTransform:
         """(width, height) of every output for a bucket."""
         width, height = bucket
         sizes = {IMAGES: (width, height),
-                 EFFNET_IMAGES: (compressor_size(width, self.effnet_scale), compressor_size(height, self.effnet_scale))}
+                 EFFNET_IMAGES: (view_size(width, self.effnet_scale), view_size(height, self.effnet_scale))}
         return {key: sizes[key] for key in self.outputs}
 
     def crop_box(self, width: int, height: int, bucket: tuple[int, int],

@@ -11,6 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+# A network's unit of sharding and recomputation: modules FSDP gathers with one all-gather and activation
+# checkpointing recomputes together (``wuerstchen.training.distributed.parallelize``). Every network lists its units in
+# forward order with ``fsdp_units()``; what no unit holds (stems, heads, samplers) stays with the network root.
+Unit = tuple[nn.Module, ...]
+
 
 def timestep_embedding(r: torch.Tensor, c_r: int, max_positions: int = 10000) -> torch.Tensor:
     """Sinusoidal embedding of the continuous diffusion time ``r`` in [0, 1] (official ``gen_r_embedding``).
@@ -163,7 +168,8 @@ class AttnBlock(nn.Module):
 
 
 def maybe_checkpoint(enabled: bool, function: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
-    """Run ``function(*args)``, recomputing its activations in the backward pass when ``enabled``."""
+    """Run ``function(*args)``, recomputing its activations in the backward pass when ``enabled`` (the networks run
+    each of their units through it, so the recomputed unit is the sharded one)."""
     if enabled and torch.is_grad_enabled():
         return checkpoint(function, *args, use_reentrant=False)
     return function(*args)

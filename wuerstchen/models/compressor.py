@@ -1,16 +1,50 @@
-"""The semantic compressor: EfficientNetV2-S features -> 16-channel latent at stride 32 (arXiv 2306.00637)."""
+"""The semantic compressor: EfficientNetV2-S features -> 16-channel latent at stride 32 (arXiv 2306.00637), and its
+geometry: the view of an image it is fed and the latent size that gives (the size Stage C samples at)."""
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import torch
 from torch import nn
 
+from .common import Unit
+
 log = logging.getLogger(__name__)
 
 BACKBONE_CHANNELS = 1280
+STRIDE = 32  # image side / latent side: EfficientNetV2's five stride-2 stages
+VIEW_SCALE = 0.75  # compressor view side / image side: the paper feeds 768 px views of 1024 px images
+RELEASED_COMPRESSION = 42.67  # image side / Stage C latent side of the released weights' sampling code
+
+
+def view_size(side: int, scale: float = VIEW_SCALE) -> int:
+    """Compressor input side for an image side: ``scale * side`` snapped to the nearest multiple of the stride
+    (halves round up, at least one stride).
+
+    1024 -> 768 (24x24 latent), 1536 -> 1152 (36x36), 2048 -> 1536 (48x48).
+    """
+    return max(STRIDE, math.floor(scale * side / STRIDE + 0.5) * STRIDE)
+
+
+def latent_size(side: int, scale: float = VIEW_SCALE) -> int:
+    """Side of the 16-channel semantic latent (the space Stage C works in) for an image side."""
+    return view_size(side, scale) // STRIDE
+
+
+def prior_latent_size(side: int, effnet_scale: float | None = None) -> int:
+    """Stage C latent side for an output side.
+
+    With ``effnet_scale`` (the compressor view / image side the prior was trained with; our Stage C checkpoints record
+    it) the training rule :func:`latent_size`, so sampling sees the latent size training saw. Without it (released
+    weights) the released rule ceil(side / 42.67). The two agree at 0.75 for every multiple of 128 (1024 -> 24,
+    1536 -> 36, 2048 -> 48).
+    """
+    if effnet_scale is not None:
+        return latent_size(side, effnet_scale)
+    return math.ceil(side / RELEASED_COMPRESSION)
 
 
 def _torchvision_backbone(weights: str | None) -> nn.Module:
@@ -96,6 +130,13 @@ class SemanticCompressor(nn.Module):
     def released_v2(cls, **kwargs) -> "SemanticCompressor":
         """The layout of ``model_v2_stage_b.pt``'s ``effnet_state_dict``: torchvision, affine BN, (f + 1) / 42."""
         return cls(**{"backbone": "torchvision", "affine": True, "latent_shift": 1.0, "latent_scale": 42.0, **kwargs})
+
+    def fsdp_units(self) -> list[Unit]:
+        """Every (Fused)MBConv block of the backbone: FSDP shards each. The root keeps the stem, the 1280-channel
+        head conv and ``mapper``. No activation checkpointing: BatchNorm everywhere would update its running
+        statistics twice."""
+        stages = self.backbone.model.blocks if self.config["backbone"] == "timm" else list(self.backbone)[1:-1]
+        return [(block,) for stage in stages for block in stage]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W), ImageNet-normalised -> (B, c_latent, H/32, W/32)."""

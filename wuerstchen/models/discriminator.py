@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from .common import Unit
+
 
 class PatchDiscriminator(nn.Module):
     """Spectral-norm 3x3 stride-2 convs, then a 1x1 conv to one logit per patch.
@@ -41,6 +43,11 @@ class PatchDiscriminator(nn.Module):
             layers.append(nn.LeakyReLU(negative_slope))
         self.encoder = nn.Sequential(*layers)
         self.to_logits = nn.Conv2d(widths[-1], 1, kernel_size=1)
+
+    def fsdp_units(self) -> list[Unit]:
+        """Every spectral-norm conv: FSDP shards each; the root keeps ``to_logits``. No activation checkpointing:
+        spectral norm's power iteration would step twice."""
+        return [(layer,) for layer in self.encoder if isinstance(layer, nn.Conv2d)]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, C, H, W) -> logits (B, 1, H / 2^n, W / 2^n) for n = len(channels) (rounded up per layer)."""

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d, maybe_checkpoint
+from .common import LayerNorm2d, Unit, maybe_checkpoint
 
 
 class MixingResidualBlock(nn.Module):
@@ -122,10 +122,16 @@ class StageA(nn.Module):
         """The decoder's last weight, on which the adaptive GAN weight compares gradient norms (Esser et al.)."""
         return self.out_block[0].weight
 
+    def fsdp_units(self) -> list[Unit]:
+        """Every ResBlock, encoder then decoder: FSDP shards each and ``grad_checkpointing`` recomputes each (they
+        hold the 4c-wide MLP activations). The root keeps the in/out convs, the samplers, the latent's BatchNorm
+        (which must not run twice) and the codebook."""
+        return [(block,) for blocks in (self.down_blocks, self.up_blocks) for block in blocks
+                if isinstance(block, MixingResidualBlock)]
+
     def _run(self, blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-        # Only ResBlocks are recomputed: they hold the 4c-wide MLP activations; BatchNorm must not run twice.
         use_checkpoint = self.grad_checkpointing and self.training
-        for block in blocks:
+        for block in blocks:  # the units (fsdp_units) recomputed, the rest run once
             x = maybe_checkpoint(use_checkpoint and isinstance(block, MixingResidualBlock), block, x)
         return x
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import (AttnBlock, LayerNorm2d, ResBlockStageB, TimestepBlock, init_xavier, maybe_checkpoint,
+from .common import (AttnBlock, LayerNorm2d, ResBlockStageB, TimestepBlock, Unit, init_xavier, maybe_checkpoint,
                      timestep_embedding)
 
 STAGE_A_FACTOR = 4  # Stage B works on the latent of Stage A, an f4 VQGAN: image side / 4 (arXiv 2306.00637)
@@ -53,7 +53,7 @@ class StageB(nn.Module):
                            effnet_embd=effnet_embd, clip_embd=clip_embd, kernel_size=kernel_size,
                            dropout=dropouts if isinstance(dropout, Sequence) else float(dropout))
         self.c_r, self.num_blocks = c_r, sum(blocks)
-        self.grad_checkpointing = False
+        self.grad_checkpointing = False  # in training, recompute each of fsdp_units() in the backward pass
         self.clip_mapper = nn.Linear(clip_embd, c_cond)
         # one slot per down level, then per up level (mirrored); levels without injection hold None
         self.effnet_mappers = nn.ModuleList(
@@ -135,26 +135,39 @@ class StageB(nn.Module):
         resized = F.interpolate(effnet.float(), size=size, mode="bicubic", antialias=True, align_corners=True)
         return mapper(resized.to(effnet.dtype))
 
-    def _run(self, layer: nn.Module, x: torch.Tensor, skip: torch.Tensor | None, r_embed: torch.Tensor,
-             clip: torch.Tensor) -> torch.Tensor:
-        checkpointed = self.grad_checkpointing and self.training
-        if isinstance(layer, ResBlockStageB):
-            return maybe_checkpoint(checkpointed, layer, x, skip)
-        if isinstance(layer, AttnBlock):
-            return maybe_checkpoint(checkpointed, layer, x, clip)
-        if isinstance(layer, TimestepBlock):
-            return layer(x, r_embed)
-        return layer(x)  # down/up sampling
+    def _level_units(self, layers: nn.ModuleList, level: int, start: int) -> list[Unit]:
+        """The ``blocks[level]`` repeats of ``level_config[level]`` in a level's layers, from index ``start`` (after
+        a down level's sampler)."""
+        kinds, modules = len(self.config["level_config"][level]), list(layers)
+        return [tuple(modules[start + kinds * i: start + kinds * (i + 1)]) for i in range(self.config["blocks"][level])]
+
+    def _down_units(self, level: int) -> list[Unit]:
+        return self._level_units(self.down_blocks[level], level, start=int(level > 0))
+
+    def _up_units(self, index: int) -> list[Unit]:
+        return self._level_units(self.up_blocks[index], len(self.up_blocks) - 1 - index, start=0)
+
+    def fsdp_units(self) -> list[Unit]:
+        """Every repeat of a level's ``level_config`` (e.g. [ResBlock, TimestepBlock, AttnBlock]), down path then up
+        path: FSDP shards each as one unit and ``grad_checkpointing`` recomputes each. The root keeps the stems
+        (``embedding``, ``clip_mapper``, ``effnet_mappers``), the levels' down/up samplers and ``clf``."""
+        return ([unit for level in range(len(self.down_blocks)) for unit in self._down_units(level)]
+                + [unit for index in range(len(self.up_blocks)) for unit in self._up_units(index)])
+
+    def _run(self, unit: Unit, x: torch.Tensor, first_skip: torch.Tensor | None, skip: torch.Tensor | None,
+             r_embed: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
+        return maybe_checkpoint(self.grad_checkpointing and self.training, _run_unit, unit, x, first_skip, skip,
+                                r_embed, clip)
 
     def _down(self, x: torch.Tensor, r_embed: torch.Tensor, effnet: torch.Tensor,
               clip: torch.Tensor) -> list[torch.Tensor]:
         level_outputs = []
-        for slot, layers in enumerate(self.down_blocks):
-            effnet_skip = None
-            for layer in layers:
-                if isinstance(layer, ResBlockStageB) and effnet_skip is None:
-                    effnet_skip = self._effnet_skip(slot, effnet, x.shape[-2:])
-                x = self._run(layer, x, effnet_skip, r_embed, clip)
+        for level, layers in enumerate(self.down_blocks):
+            if level > 0:
+                x = layers[0](x)  # LN + stride-2 conv
+            effnet_skip = self._effnet_skip(level, effnet, x.shape[-2:])
+            for unit in self._down_units(level):
+                x = self._run(unit, x, effnet_skip, effnet_skip, r_embed, clip)
             level_outputs.insert(0, x)
         return level_outputs  # deepest first
 
@@ -162,16 +175,15 @@ class StageB(nn.Module):
             clip: torch.Tensor) -> torch.Tensor:
         x = level_outputs[0]
         for index, layers in enumerate(self.up_blocks):
-            effnet_skip = None
-            for position, layer in enumerate(layers):
-                skip = None
-                if isinstance(layer, ResBlockStageB):
-                    if effnet_skip is None:
-                        effnet_skip = self._effnet_skip(len(self.down_blocks) + index, effnet, x.shape[-2:])
-                    skips = [level_outputs[index]] if position == 0 and index > 0 else []
-                    skips += [effnet_skip] if effnet_skip is not None else []
-                    skip = torch.cat(skips, dim=1) if skips else None
-                x = self._run(layer, x, skip, r_embed, clip)
+            effnet_skip = self._effnet_skip(len(self.down_blocks) + index, effnet, x.shape[-2:])
+            # the first ResBlock of every level but the deepest also takes the down path's output at its size
+            skips = [level_outputs[index]] if index > 0 else []
+            skips += [effnet_skip] if effnet_skip is not None else []
+            first_skip = torch.cat(skips, dim=1) if skips else None
+            for repeat, unit in enumerate(self._up_units(index)):
+                x = self._run(unit, x, first_skip if repeat == 0 else effnet_skip, effnet_skip, r_embed, clip)
+            if index < len(self.up_blocks) - 1:
+                x = layers[-1](x)  # LN + transposed conv
         return x
 
     def forward(self, x: torch.Tensor, r: torch.Tensor, effnet: torch.Tensor, clip: torch.Tensor,
@@ -185,3 +197,16 @@ class StageB(nn.Module):
         a, b = self.clf(x).chunk(2, dim=1)  # (B, c_out, H, W) each
         b = b.sigmoid() * (1 - eps * 2) + eps
         return (x_in - a) / b
+
+
+def _run_unit(unit: Unit, x: torch.Tensor, first_skip: torch.Tensor | None, skip: torch.Tensor | None,
+              r_embed: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
+    """One repeat of a level's blocks; a ResBlock first in it takes ``first_skip``, any other ``skip``."""
+    for position, block in enumerate(unit):
+        if isinstance(block, ResBlockStageB):
+            x = block(x, first_skip if position == 0 else skip)
+        elif isinstance(block, TimestepBlock):
+            x = block(x, r_embed)
+        else:
+            x = block(x, clip)
+    return x

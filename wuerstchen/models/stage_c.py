@@ -7,7 +7,8 @@ import math
 import torch
 from torch import nn
 
-from .common import AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, init_xavier, maybe_checkpoint, timestep_embedding
+from .common import (AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, Unit, init_xavier, maybe_checkpoint,
+                     timestep_embedding)
 
 
 class StageC(nn.Module):
@@ -32,7 +33,7 @@ class StageC(nn.Module):
         self.input_init_std = input_init_std
         self.c_r = c_r
         self.depth = depth
-        self.grad_checkpointing = False
+        self.grad_checkpointing = False  # in training, recompute each of fsdp_units() in the backward pass
         self.projection = nn.Conv2d(c_in, c, kernel_size=1)
         self.cond_mapper = nn.Sequential(nn.Linear(c_cond, c), nn.LeakyReLU(0.2), nn.Linear(c, c))
         self.blocks = nn.ModuleList()
@@ -59,10 +60,12 @@ class StageC(nn.Module):
             elif isinstance(block, TimestepBlock):
                 nn.init.zeros_(block.mapper.weight)
 
-    def _layer(self, x: torch.Tensor, index: int, r_embed: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
-        """One [ResBlock, TimestepBlock, AttnBlock] repeat (the unit of activation checkpointing)."""
-        res, time, attn = self.blocks[3 * index: 3 * index + 3]
-        return attn(time(res(x), r_embed), clip)
+    def fsdp_units(self) -> list[Unit]:
+        """The ``depth`` [ResBlock, TimestepBlock, AttnBlock] repeats, in forward order: FSDP shards each as one unit
+        and ``grad_checkpointing`` recomputes each. They stay flat in ``blocks`` (the released keys
+        ``blocks.{3i+k}``); the root keeps ``projection``, ``cond_mapper`` and ``out``."""
+        blocks = list(self.blocks)
+        return [tuple(blocks[3 * i: 3 * i + 3]) for i in range(self.depth)]
 
     def forward(self, x: torch.Tensor, r: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
         """x (B, 16, h, w) noised latent, r (B,) time in [0, 1], clip (B, 77, c_cond) text states -> eps_hat."""
@@ -70,8 +73,14 @@ class StageC(nn.Module):
         r_embed = timestep_embedding(r, self.c_r).to(x.dtype)  # (B, c_r)
         clip = self.cond_mapper(clip)  # (B, 77, c)
         x = self.projection(x)  # (B, c, h, w)
-        for index in range(self.depth):
-            x = maybe_checkpoint(self.grad_checkpointing and self.training, self._layer, x, index, r_embed, clip)
+        for unit in self.fsdp_units():
+            x = maybe_checkpoint(self.grad_checkpointing and self.training, _run_unit, unit, x, r_embed, clip)
         a, b = self.out(x).chunk(2, dim=1)  # (B, 16, h, w) each
         # A/B parameterisation: eps_hat = (x_t - A) / |1 - B|; the zero-initialised output makes eps_hat = x_t
         return (x_in - a) / ((1 - b).abs() + 1e-5)
+
+
+def _run_unit(unit: Unit, x: torch.Tensor, r_embed: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
+    """One [ResBlock, TimestepBlock, AttnBlock] repeat."""
+    res, time, attn = unit
+    return attn(time(res(x), r_embed), clip)

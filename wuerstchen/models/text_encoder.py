@@ -154,12 +154,15 @@ class TextEncoder(nn.Module):
         return self.encode_tokens(tokens)
 
 
-def recorded_text_encoder(path: str | os.PathLike, name: str = "text_encoder") -> dict[str, Any] | None:
+def recorded_text_encoder(path: str | os.PathLike | None, name: str = "text_encoder") -> dict[str, Any] | None:
     """The ``TextEncoder`` config a training checkpoint of ours at ``path`` records under ``name`` (completed as
-    :func:`complete_record` does), or None: released weights, exports and diffusers folders record none."""
-    from ..weights import checkpoint_info  # the weights package imports the networks
+    :func:`complete_record` does), or None: released weights, exports and diffusers folders record none, and no
+    ``path`` records nothing (a config node whose checkpoint is not set)."""
+    from ..weights import open_checkpoint  # the weights package imports the networks
 
-    recorded = (checkpoint_info(path).get("text_encoders") or {}).get(name)
+    if not path:
+        return None
+    recorded = open_checkpoint(path).text_encoder_record(name)
     return None if recorded is None else complete_record(recorded)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -14,21 +14,12 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ..data.buckets import BASE_MULTIPLE
-from ..weights import load_network, read_weights
-from ..weights.formats import shape_mismatches
+from ..weights import checkpoint as schema
+from ..weights.loaders import InitialWeights
 from .checkpointing import rng_states, set_rng_states
 from .distributed import FSDPStrategy, NonFiniteSteps
 from .ema import EMA
 from .optim import OptimizerFactory, SchedulerFactory, build_optimizer
-
-
-def load_frozen(stage: str, path: str | None, what: str) -> nn.Module:
-    """A frozen network from a checkpoint path, or a clear error naming the config key that should give it."""
-    if not path:
-        raise ValueError(f"{what} is required: set {what}=PATH (a checkpoint of ours, a released .pt, a diffusers "
-                         f"folder or a safetensors export)")
-    network, _ = load_network(stage, path)
-    return network.eval().requires_grad_(False)
 
 
 class Frozen:
@@ -49,12 +40,6 @@ class Frozen:
             module.to(device)
 
 
-def drop_captions(captions: Sequence[str], prob: float, rng: random.Random | None = None) -> list[str]:
-    """Replace each caption by the empty one with probability ``prob`` (classifier-free guidance training)."""
-    draw = rng.random if rng is not None else random.random
-    return ["" if prob > 0 and draw() < prob else c for c in captions]
-
-
 class StageModule(L.LightningModule):
     """Base of the three stage modules.
 
@@ -65,20 +50,25 @@ class StageModule(L.LightningModule):
 
     trained: tuple[str, ...] = ()
     frozen_modules: tuple[str, ...] = ()
-    weights_stage: str = ""  # the trained network's stage in wuerstchen.weights ("a", "b", "c")
     # Image side multiple the stage's networks need; the data's buckets snap to it (data.multiple: null, at least 32).
-    # Stage C and the compressor see images only through views snapped to 32 on their own (data.compressor_size).
+    # Stage C and the compressor see images only through views snapped to 32 on their own (models.compressor.view_size).
     pixel_multiple: int = BASE_MULTIPLE
 
     def __init__(self, optimizer: OptimizerFactory, scheduler: SchedulerFactory | None = None,
                  ema: dict[str, Any] | None = None, grad_clip: float | None = 1.0,
-                 lr_scales: dict[str, float] | None = None, max_nonfinite_steps: int = 10) -> None:
+                 lr_scales: dict[str, float] | None = None, max_nonfinite_steps: int = 10,
+                 init: Mapping[str, InitialWeights | None] | None = None) -> None:
         super().__init__()
         self.nonfinite = NonFiniteSteps(max_nonfinite_steps)
         unknown = set(lr_scales or {}) - set(self.trained)
         if unknown:
             raise ValueError(f"stage.lr_scales names {sorted(unknown)}; trained networks are {list(self.trained)}")
         self.lr_scales = dict(lr_scales or {})
+        self.initial_weights = {name: source for name, source in (init or {}).items() if source}
+        unknown = set(self.initial_weights) - set(self.trained) - set(self.frozen_modules)
+        if unknown:
+            raise ValueError(f"stage.init names {sorted(unknown)}; the stage's networks are "
+                             f"{[*self.trained, *self.frozen_modules]}")
         self.grad_clip = grad_clip
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -91,24 +81,23 @@ class StageModule(L.LightningModule):
         """The main trained network (the one EMA follows)."""
         return getattr(self, self.trained[0])
 
-    def init_from(self, path: str) -> None:
-        """Start the trained network from weights in any supported format; the architectures must agree."""
-        state, config = read_weights(path, self.weights_stage)
-        ours = getattr(self.network, "config", {})
-        conflicts = {k: (ours[k], v) for k, v in (config or {}).items()
-                     if k in ours and ours[k] != v and k != "dropout"}
-        if conflicts:
-            raise ValueError(f"init_from={path}: the weights' config disagrees with the model config: "
-                             + ", ".join(f"{k}: model {a!r} vs weights {b!r}" for k, (a, b) in conflicts.items()))
-        missing, unexpected, wrong = shape_mismatches(self.network, state)
-        if missing or unexpected or wrong:
-            raise ValueError(f"init_from={path} does not fit the model: missing {missing[:8]}, unexpected "
-                             f"{unexpected[:8]}, wrong shape {wrong[:8]}")
-        self.network.load_state_dict(state, strict=True)
+    def load_initial_weights(self) -> None:
+        """Start the trained networks from the weights ``stage.init`` names (a fresh run: a resumed one restores its
+        own); networks without a source keep their initialisation."""
+        for name, source in self.initial_weights.items():
+            source.load_into(getattr(self, name))
 
     def setup_ema(self) -> None:
+        """Create the EMA of the main trained network (``stage.ema``; a copy of it as it is now) and register it as
+        ``ema_network``: it is saved in ``state_dict``, restored, moved and (under FSDP) sharded like the networks.
+        Its parameters take no gradient, so the optimizer, DDP's gradient sync and gradient clipping skip it.
+
+        ``configure_model`` calls it under every strategy, after the initial weights are loaded and before a
+        checkpoint restores the EMA; the checkpoint hooks call it too, for modules used without a trainer.
+        """
         if self.ema_config is not None and self.ema is None:
             self.ema = EMA(self.network, **self.ema_config)
+            self.ema_network = self.ema.module
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         for name in self.trained:
@@ -118,6 +107,8 @@ class StageModule(L.LightningModule):
         super().train(mode)
         for name in self.frozen_modules:
             getattr(self, name).eval()  # frozen BatchNorm statistics and no dropout, whatever the trainer asks
+        if self.ema is not None:
+            self.ema.module.eval()  # the average is only ever evaluated (previews, validation): no dropout
         return self
 
     def configure_optimizers(self) -> dict:
@@ -188,20 +179,17 @@ class StageModule(L.LightningModule):
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["network_configs"] = {name: module.config for name, module in self.named_children()
-                                         if hasattr(module, "config") and name != "ema_network"}
-        if self.ema is not None and not self.sharded:
-            checkpoint["ema"] = {self.trained[0]: self.ema.state_dict()}
-        elif self.ema is not None:  # sharded: the EMA is the registered `ema_network`, saved with the shards
-            checkpoint["ema_of"] = self.trained[0]
-        checkpoint["nonfinite_steps"] = self.nonfinite.state_dict()
+        schema.write_stage(checkpoint, dict(self.named_children()), self._ema_of, self.nonfinite.state_dict())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.nonfinite.load_state_dict(checkpoint.get("nonfinite_steps", {}))
-        ema_state = (checkpoint.get("ema") or {}).get(self.trained[0])
-        if ema_state is not None:
-            self.setup_ema()
-            self.ema.load_state_dict(ema_state)
+        self.nonfinite.load_state_dict(schema.nonfinite_steps(checkpoint))
+        self.setup_ema()  # before the state dict (with `ema_network.*`) loads; configure_model has, under a trainer
+        schema.prepare_resume(checkpoint, self._ema_of)
+
+    @property
+    def _ema_of(self) -> str | None:
+        """The attribute of the network the EMA averages, or None without EMA."""
+        return self.trained[0] if self.ema is not None else None
 
     @contextmanager
     def averaged(self) -> Iterator[nn.Module]:
@@ -211,28 +199,26 @@ class StageModule(L.LightningModule):
             yield self.network
             return
         name, network = self.trained[0], self.network
-        setattr(self, name, self.ema.module)
+        setattr(self, name, self.ema_network)
         try:
-            yield self.ema.module
+            yield self.ema_network
         finally:
             setattr(self, name, network)
 
     # -- sharding ---------------------------------------------------------------------------------------------------
     @property
     def sharded(self) -> bool:
-        return "ema_network" in self._modules or getattr(self, "_sharded", False)
+        return getattr(self, "_sharded", False)
 
     def configure_model(self) -> None:
-        """Under ``trainer=fsdp``: fully_shard the trained networks block by block (and the EMA copy, registered as
-        ``ema_network`` so it is sharded, saved and restored with them); frozen networks are replicated unless the
-        strategy's ``shard_frozen``. Other strategies: nothing to do."""
+        """Create the EMA copy (every strategy: :meth:`setup_ema`). Under ``trainer=fsdp`` then fully_shard the
+        trained networks block by block and the EMA copy exactly like its network; frozen networks are replicated
+        unless the strategy's ``shard_frozen``."""
+        self.setup_ema()  # a copy of the unsharded network, before the checkpoint (if any) is restored into it
         strategy = self._trainer.strategy if self._trainer is not None else None
         if not isinstance(strategy, FSDPStrategy) or getattr(self, "_sharded", False):
             return
         self._sharded = True
-        if self.ema_config is not None:
-            self.setup_ema()  # a copy of the unsharded network, sharded below exactly like it
-            self.ema_network = self.ema.module
         for name in self.trained:
             strategy.shard(getattr(self, name), role="trained")
         if self.ema is not None:

@@ -29,6 +29,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.loggers import WandbLogger
 
+from ..weights import checkpoint as schema
 from .resume import RunLock, ResumePlan, read_lineages, write_lineages
 
 log = logging.getLogger(__name__)
@@ -198,21 +199,17 @@ class Checkpointing(Checkpoint):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        states = rng_states()
+        states: list[Any] = [rng_states()]  # every rank's, in rank order
         if trainer.world_size > 1 and torch.distributed.is_initialized():
             gathered: list[Any] = [None] * trainer.world_size
-            torch.distributed.all_gather_object(gathered, states)
-            checkpoint["rng_states"] = gathered
-        else:
-            checkpoint["rng_states"] = [states]
+            torch.distributed.all_gather_object(gathered, states[0])
+            states = gathered
         wandb_id = next((lg.version for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
-        if wandb_id is not None:
-            checkpoint["wandb_run_id"] = wandb_id
-        checkpoint["lineage"] = list(self.plan.lineage)
+        schema.write_run(checkpoint, states, self.plan.lineage, wandb_id)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        states = checkpoint.get("rng_states")
+        states = checkpoint.get(schema.RNG_STATES)
         if not states:
             return
         if len(states) == trainer.world_size:

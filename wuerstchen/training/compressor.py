@@ -6,7 +6,7 @@ learns mostly what helps Stage B reconstruct backgrounds, and little about the o
 linear probe reads the colour from it no better after 4k steps than at initialisation). This module gives a
 compressor semantics from the captions of the training data alone, CLIP-style: the flattened latent and the frozen
 text encoder's states are projected to a shared space and matched by a symmetric InfoNCE loss. Stage B then starts
-its compressor from the result (``stage.effnet_init=...``).
+its compressor from the result (``effnet_init=...``).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.transforms import latent_size
 from ..models import SemanticCompressor
+from ..models.compressor import latent_size
 from ..models.text_encoder import TextEncoder
 from .base import Frozen, StageModule
 from .optim import OptimizerFactory, SchedulerFactory
@@ -38,7 +38,6 @@ class CompressorPretraining(StageModule):
     """
 
     trained = ("effnet",)  # the network kept; the projections and the temperature are trained but not exported
-    weights_stage = "effnet"
 
     def __init__(self, effnet: SemanticCompressor, text_encoder: TextEncoder, optimizer: OptimizerFactory,
                  scheduler: SchedulerFactory | None = None, image_size: int = 64, effnet_scale: float = 0.75,

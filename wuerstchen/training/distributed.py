@@ -1,11 +1,12 @@
 """Distributed pieces the stages share: cross-rank BatchNorm on any backend, the agreement of all ranks on skipping a
-non-finite optimizer step, and the FSDP2 strategy with the way a network is sharded."""
+non-finite optimizer step, the one function that shards a network (:func:`parallelize`) and the FSDP2 strategy that
+calls it."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -13,13 +14,13 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
 
-from ..models.common import AttnBlock, ResBlock, ResBlockStageB, TimestepBlock
-from ..models.stage_a import MixingResidualBlock
+from ..models.common import Unit
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
 log = logging.getLogger(__name__)
-
-# The units FSDP shards one by one (each gathers its parameters just before use), then the network root.
-BLOCK_TYPES: tuple[type[nn.Module], ...] = (ResBlock, ResBlockStageB, TimestepBlock, AttnBlock, MixingResidualBlock)
 
 
 def distributed_world() -> int:
@@ -185,6 +186,55 @@ class NonFiniteSteps:
 
 
 # ------------------------------------------------------------------------------------------------------------ FSDP
+def parallelize(network: nn.Module, mesh: DeviceMesh | None = None, mp_policy: MixedPrecisionPolicy | None = None,
+                activation_checkpointing: bool = False, compile_units: bool = False,
+                reshard_after_forward: bool = True) -> list[Unit]:
+    """Shard ``network`` over its own units (``network.fsdp_units()``), as torchtitan's ``parallelize``: activation
+    checkpointing of every unit, then ``torch.compile`` of every unit's modules, then ``fully_shard`` of every unit
+    (a unit of several modules shares one all-gather) and last of the root, which holds what no unit does.
+
+    ``mesh=None`` skips the sharding (checkpointing and compile alone, on one device or under DDP). The units free
+    their gathered parameters after their forward as ``reshard_after_forward`` says; the root's are needed again right
+    at the start of the backward, so it keeps them. A forward without gradients (validation, previews, an EMA copy, a
+    frozen encoder) has no backward to reshard in, so everything is resharded right after it: until then the module's
+    parameters would be the gathered tensors, not the shards the optimizer, the EMA and the checkpoints pair them with.
+
+    Activation checkpointing is the network's ``grad_checkpointing``: its forward recomputes exactly the units listed
+    here. A network without it (BatchNorm or spectral norm in every unit, which must not run twice) is sharded
+    without; one without ``fsdp_units`` is sharded as one unit, the root. Returns the units.
+    """
+    units = network.fsdp_units() if hasattr(network, "fsdp_units") else []
+    if activation_checkpointing:
+        if hasattr(network, "grad_checkpointing"):
+            network.grad_checkpointing = True
+        else:
+            log.info("%s has no activation checkpointing; sharded without", type(network).__name__)
+    if compile_units:
+        for unit in units:
+            for module in unit:
+                module.compile()
+    if mesh is not None:
+        from torch.distributed.fsdp import fully_shard
+
+        policy = {} if mp_policy is None else {"mp_policy": mp_policy}
+        for unit in units:
+            fully_shard(unit[0] if len(unit) == 1 else list(unit), mesh=mesh,
+                        reshard_after_forward=reshard_after_forward, **policy)
+        fully_shard(network, mesh=mesh, reshard_after_forward=False, **policy)
+        network.register_forward_hook(_reshard_without_backward)
+    return units
+
+
+def _reshard_without_backward(network: nn.Module, args: Any, output: Any) -> None:
+    """After a forward without gradients: every sharded module of ``network`` back to its shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not torch.is_grad_enabled():
+        for module in network.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+
 class FSDPStrategy(ModelParallelStrategy):
     """Lightning's ``ModelParallelStrategy`` as plain FSDP2: all ranks in one data-parallel group (no tensor
     parallelism), plus the options the stage modules apply in ``configure_model``.
@@ -193,9 +243,9 @@ class FSDPStrategy(ModelParallelStrategy):
         param_dtype / reduce_dtype: FSDP2 ``MixedPrecisionPolicy``: parameters are gathered and computed in
             ``param_dtype``, gradients reduced in ``reduce_dtype``; the sharded fp32 parameters stay the optimizer's
             master weights. ``param_dtype: null`` computes in the parameters' own dtype (fp32 in the CPU tests).
-        activation_checkpointing: recompute each block's activations in the backward pass.
-        compile_blocks: ``torch.compile`` each block before sharding it.
-        reshard_after_forward: free gathered parameters after each block's forward (ZeRO-3); False keeps them until
+        activation_checkpointing: recompute each unit's activations in the backward pass (the trained networks').
+        compile_blocks: ``torch.compile`` each unit of the trained networks before sharding it.
+        reshard_after_forward: free gathered parameters after each unit's forward (ZeRO-3); False keeps them until
             the backward (more memory, less communication).
         shard_frozen: also shard the frozen networks (Stage A in Stage B, the compressor in Stage C). By default they
             are replicated on every rank: they are small next to the trained network, run without gradients, and
@@ -222,12 +272,12 @@ class FSDPStrategy(ModelParallelStrategy):
         super().setup_environment()
 
     def shard(self, network: nn.Module, role: str = "trained") -> nn.Module:
-        """fully_shard each block of ``network``, inner ones first, then the network itself.
+        """:func:`parallelize` ``network`` over the data-parallel mesh with this strategy's options.
 
         ``role``: ``trained`` (activation checkpointing and compile apply), ``average`` (the EMA copy: sharded the
         same way, so each rank averages its own shards) or ``frozen`` (replicated unless ``shard_frozen``).
         """
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy
 
         if role not in ("trained", "average", "frozen"):
             raise ValueError(f"role={role!r}")
@@ -235,16 +285,13 @@ class FSDPStrategy(ModelParallelStrategy):
             return network
         name = type(network).__name__  # before fully_shard renames the class (FSDPStageC)
         mesh = self.device_mesh["data_parallel"]
-        policy = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype)
-        if role == "trained" and self.activation_checkpointing and hasattr(network, "grad_checkpointing"):
-            network.grad_checkpointing = True
-        blocks = [m for m in network.modules() if isinstance(m, BLOCK_TYPES)]
-        for block in reversed(blocks):  # fully_shard goes bottom-up: inner blocks before those containing them
-            if role == "trained" and self.compile_blocks:
-                block.compile()
-            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
-        fully_shard(network, mesh=mesh, mp_policy=policy, reshard_after_forward=self.reshard_after_forward)
-        log.info("FSDP: %s (%s) sharded over %d ranks in %d blocks%s%s", name, role, mesh.size(),
-                 len(blocks), ", activation checkpointing" if getattr(network, "grad_checkpointing", False) else "",
-                 ", compiled blocks" if role == "trained" and self.compile_blocks else "")
+        trained = role == "trained"
+        units = parallelize(network, mesh, MixedPrecisionPolicy(param_dtype=self.param_dtype,
+                                                                 reduce_dtype=self.reduce_dtype),
+                            activation_checkpointing=trained and self.activation_checkpointing,
+                            compile_units=trained and self.compile_blocks,
+                            reshard_after_forward=self.reshard_after_forward)
+        log.info("FSDP: %s (%s) sharded over %d ranks in %d units%s%s", name, role, mesh.size(), len(units),
+                 ", activation checkpointing" if getattr(network, "grad_checkpointing", False) else "",
+                 ", compiled units" if trained and self.compile_blocks else "")
         return network

@@ -21,9 +21,12 @@ class EMA:
     ``ema = decay * ema + (1 - decay) * weights``. The released Stage C schedule is ``decay=0.9, every=100,
     start_step=5000`` (about 0.99895 per step); ``every=1`` gives the usual per-step EMA.
 
-    It is not an ``nn.Module`` attribute of the LightningModule (the optimizer never sees it, DDP never wraps it;
-    its weights go into checkpoints through :meth:`state_dict`), except under FSDP, where the module registers it
-    as ``ema_network`` so that it is sharded like the network and saved in the sharded checkpoint.
+    The stage modules register :attr:`module` as their submodule ``ema_network`` under every strategy, so it is
+    saved in ``state_dict`` (with the averaged network named by ``ema_of``: ``wuerstchen.weights.checkpoint``),
+    restored and moved like the networks, and under FSDP sharded exactly like its network (each rank averages its
+    own shards). Its parameters never require gradients: the optimizer only takes the trained networks' parameters,
+    and DDP leaves parameters without gradients out of its gradient sync (it broadcasts the buffers from rank 0, which
+    the EMA copies from the network anyway).
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, start_step: int = 0, every: int = 1) -> None:

@@ -27,7 +27,8 @@ import torch.distributed as dist
 from ..data import WebImageTextDataset, to_model_inputs
 from ..data.datamodule import StreamLoader, WebDataModule
 from ..models.stage_a import StageA
-from ..weights import checkpoint_info, load_network, save_wuerstchen
+from ..weights import checkpoint as schema
+from ..weights import load_network, open_checkpoint, save_wuerstchen
 from ..weights.formats import is_sharded_checkpoint
 from .checkpointing import PARTIAL_SUFFIX, _fsync
 from .distributed import distributed_world, summed_over_ranks
@@ -143,9 +144,9 @@ def check_rewritable(src: str | os.PathLike, out: str | os.PathLike | None) -> b
     if is_sharded_checkpoint(src):
         raise ValueError(f"{src} is a sharded checkpoint folder, which this command does not rewrite: make it one file "
                          f"(scripts/consolidate_checkpoint.py) and measure that")
-    info = checkpoint_info(src)
-    if info:  # our training checkpoint
-        configs = info.get("network_configs") or {}
+    source = open_checkpoint(src)
+    if source.ours:
+        configs = source.network_configs
         if "stage_b" in configs:
             raise ValueError(f"{src} is a Stage B checkpoint: its Stage B was trained on latents at the Stage A scale "
                              f"it records, which must stay; measure the Stage A checkpoint before training Stage B")
@@ -162,9 +163,10 @@ def write_scale_factor(src: str | os.PathLike, scale_factor: float, out: str | o
     """Write the Stage A weights at ``src`` with ``scale_factor`` recorded, to ``out`` or in place (a ``last.ckpt``
     link: its target); returns the path written.
 
-    Our training checkpoint keeps everything and changes only ``network_configs["stage_a"]["scale_factor"]`` (what
-    ``load_network`` builds from). Other sources (a released ``.pt``, a diffusers folder, our safetensors export)
-    become our safetensors export (config in the metadata) of the weights ``load_network`` loads (EMA first).
+    Our training checkpoint keeps everything and changes only Stage A's recorded ``scale_factor`` (in
+    ``network_configs``, what ``load_network`` builds the network and its EMA from). Other sources (a released
+    ``.pt``, a diffusers folder, our safetensors export) become our safetensors export (config in the metadata) of
+    the weights ``load_network`` loads (EMA first).
     """
     ours = check_rewritable(src, out)
     dst = Path(out) if out else Path(src).resolve()
@@ -172,7 +174,7 @@ def write_scale_factor(src: str | os.PathLike, scale_factor: float, out: str | o
     partial = dst.with_name(f".{dst.name}{PARTIAL_SUFFIX}")
     if ours:
         checkpoint = torch.load(src, map_location="cpu", weights_only=True)
-        checkpoint["network_configs"]["stage_a"]["scale_factor"] = float(scale_factor)
+        schema.set_recorded_config(checkpoint, "stage_a", scale_factor=float(scale_factor))
         torch.save(checkpoint, partial)
     else:
         stage_a, _ = load_network("a", src)

@@ -15,7 +15,6 @@ handler and raises ``SIGTERMException`` at the end of the batch, which ends the 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import signal
 import subprocess

@@ -4,13 +4,20 @@ Sources, detected from the path:
 - a released ``.pt`` (dome272 layout): ``state_dict`` / ``ema_state_dict`` (EMA preferred) / ``effnet_state_dict``;
 - a diffusers model folder (``config.json`` + ``diffusion_pytorch_model.safetensors`` or ``.bin``);
 - a ``.safetensors`` file: our export (config in the metadata) or a bare state dict in either layout;
-- our Lightning training checkpoint (``.ckpt``): networks under ``state_dict`` as ``<stage attribute>.*``, EMA
-  weights under ``ema[<stage attribute>]`` (preferred), network configs under ``network_configs[<attribute>]``.
+- our Lightning training checkpoint, a ``.ckpt`` file or a sharded (FSDP) folder: networks under ``state_dict`` as
+  ``<stage attribute>.*``, the EMA copy as ``ema_network.*`` of the network ``ema_of`` names (preferred; older files
+  keep it under ``ema[<attribute>]``), network configs under ``network_configs[<attribute>]``. Every key of ours,
+  what writes and what reads it: :mod:`wuerstchen.weights.checkpoint`.
+
+:class:`~wuerstchen.weights.checkpoint.CheckpointFile` opens any of them once and hands out its networks and records;
+the functions here (:func:`load_network`, :func:`read_weights`, :func:`network_for`, :func:`checkpoint_info`) are
+that reader's, over a per-process cache of the sources opened last. This module holds what the reader is built from:
+the safe loading of pickles and shards, the released and diffusers layouts, and the building of a network from
+weights; and the writers of our safetensors export and of diffusers folders.
 
 Pickles are only ever read with ``torch.load(weights_only=True)``; a file that needs arbitrary unpickling is refused.
 A sharded (FSDP) checkpoint folder's ``.metadata`` pickle is read by an unpickler that admits only the classes torch
 distributed checkpoint's metadata is made of, and only the network tensors asked for are read from its shards.
-Each pickled file (and each sharded folder's metadata) is read once per process while it is unchanged.
 """
 
 from __future__ import annotations
@@ -71,7 +78,7 @@ STAGES: dict[str, StageSpec] = {
 }
 
 
-def _spec(stage: str) -> StageSpec:
+def stage_spec(stage: str) -> StageSpec:
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {sorted(STAGES)}")
     return STAGES[stage]
@@ -121,47 +128,27 @@ class ReadOnce:
         self.entries.clear()
 
 
-# memory-mapped (torch's zip format): an entry holds the pickle's structure, its tensors stay on disk until touched
-_PICKLED = ReadOnce(lambda path: torch_load(path, mmap=True), lambda path: [path])
-
-
-def read_pickled(path: str | os.PathLike) -> Any:
-    """:func:`torch_load` (memory-mapped) of a pickled checkpoint, read once per process while the file is unchanged:
-    a Stage C run takes the compressor, Stage B and Stage A from one Stage B checkpoint. The result is shared by every
-    read: its tensors must not be changed in place (``load_state_dict`` copies them)."""
-    return _PICKLED(path)
-
-
 def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def _from_checkpoint(obj: dict, stage: str, path: str, prefer_ema: bool) -> tuple[StateDict, dict | None]:
-    """Pick the network's tensors (and config, if stored) out of a loaded released .pt or our checkpoint."""
-    spec = _spec(stage)
-    if "pytorch-lightning_version" in obj or "state_dict" in obj and isinstance(obj.get("ema"), dict):
-        config = (obj.get("network_configs") or {}).get(spec.attribute)
-        ema = (obj.get("ema") or {}).get(spec.attribute)
-        if prefer_ema and _is_state_dict(ema):
-            return ema, config
-        prefix = spec.attribute + "."
-        state = {k[len(prefix):]: v for k, v in obj.get("state_dict", {}).items() if k.startswith(prefix)}
-        if state:
-            return state, config
-        raise KeyError(f"{path}: training checkpoint holds no '{prefix}*' weights for stage {stage}")
+def released_state(obj: dict, stage: str, path: str, prefer_ema: bool) -> StateDict:
+    """The network's tensors in a loaded released ``.pt`` (``state_dict`` / ``ema_state_dict`` /
+    ``effnet_state_dict``) or a bare state dict (our checkpoints: :mod:`wuerstchen.weights.checkpoint`)."""
     candidates = ["ema_state_dict", "state_dict"] if prefer_ema else ["state_dict", "ema_state_dict"]
     if stage == "effnet":
         candidates = ["effnet_state_dict"]
     for key in candidates:
         if _is_state_dict(obj.get(key)):
-            return obj[key], None
+            return obj[key]
     if _is_state_dict(obj):
-        return obj, None
+        return obj
     raise KeyError(f"{path}: no state dict for stage {stage} (looked for {candidates}; top-level keys "
                    f"{sorted(obj)[:10]})")
 
 
-def _read_diffusers_folder(path: Path) -> tuple[StateDict, dict[str, Any]]:
+def read_diffusers_folder(path: Path, stage: str) -> tuple[StateDict, dict[str, Any]]:
+    """(state dict in diffusers' layout, our config) of a diffusers model folder."""
     config = json.loads((path / "config.json").read_text())
     index = path / "diffusion_pytorch_model.safetensors.index.json"
     if index.exists():
@@ -173,11 +160,31 @@ def _read_diffusers_folder(path: Path) -> tuple[StateDict, dict[str, Any]]:
         state = torch_load(path / "diffusion_pytorch_model.bin")
     else:
         raise FileNotFoundError(f"{path}: a diffusers folder needs diffusion_pytorch_model.safetensors or .bin")
-    return state, config
+    return state, _config_from_diffusers(stage, config)
+
+
+def read_safetensors(path: Path) -> tuple[StateDict, dict[str, Any] | None]:
+    """(state dict, config) of a safetensors file: our export carries the config in its metadata, a bare one none."""
+    state = load_file(path)
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+    return state, json.loads(metadata["wuerstchen_config"]) if "wuerstchen_config" in metadata else None
+
+
+def in_our_layout(state: StateDict, stage: str, path: str | os.PathLike) -> StateDict:
+    """``state`` with wrapper prefixes stripped and diffusers' keys mapped to ours; checks that it is ``stage``'s."""
+    state = strip_prefixes(state)
+    if is_diffusers_layout(state):
+        state = diffusers_to_released(state)
+    found = detect_stage(state)
+    if found != stage:
+        raise ValueError(f"{path} holds {'stage ' + found if found else 'no known'} network weights, not stage "
+                         f"{stage} ({len(state)} keys, e.g. {sorted(state)[:3]})")
+    return state
 
 
 def _config_from_diffusers(stage: str, config: dict[str, Any]) -> dict[str, Any]:
-    spec = _spec(stage)
+    spec = stage_spec(stage)
     renamed = {theirs: ours for ours, theirs in spec.to_diffusers.items()}
     return {renamed.get(k, k): v for k, v in config.items()
             if not k.startswith("_") and k not in spec.diffusers_fixed}
@@ -233,8 +240,9 @@ def read_dcp_metadata(folder: Path) -> Any:
 
 
 class ShardedCheckpoint:
-    """One sharded (FSDP) training checkpoint folder, opened once: the DCP metadata and ``meta.pt`` (step counters,
-    network configs, ``ema_of``); :meth:`tensors` reads chosen entries from the shards, nothing else.
+    """One sharded (FSDP) training checkpoint folder, opened: the DCP metadata and ``meta.pt`` (every entry but the
+    tensors: :mod:`wuerstchen.weights.checkpoint`); :meth:`tensors` reads chosen entries from the shards, nothing
+    else.
 
     DCP keys are Lightning's: ``state_dict.<module attribute>.<parameter>`` (the EMA copy is ``ema_network``, of the
     network ``meta["ema_of"]`` names), ``optimizer_<i>.*``; the optimizer states are never read here.
@@ -243,7 +251,7 @@ class ShardedCheckpoint:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.metadata = read_dcp_metadata(folder)
-        self.meta: dict[str, Any] = read_pickled(folder / "meta.pt")
+        self.meta: dict[str, Any] = torch_load(folder / "meta.pt")
 
     def tensors(self, prefix: str, values: bool = True) -> StateDict:
         """The entries under ``prefix`` (stripped), full size on the CPU (``values=False``: meta-device tensors of
@@ -286,109 +294,45 @@ def _safe_reader_class() -> type:
     return SafeReader
 
 
-_SHARDED = ReadOnce(ShardedCheckpoint, lambda folder: [folder / ".metadata", folder / "meta.pt"])
+def _opened(source: str | os.PathLike | Any) -> Any:
+    from .checkpoint import open_checkpoint  # built on this module
 
-
-def open_sharded(path: str | os.PathLike) -> ShardedCheckpoint:
-    """The :class:`ShardedCheckpoint` of a folder, opened once per process while it is unchanged."""
-    return _SHARDED(path)
+    return open_checkpoint(source)
 
 
 def clear_cache() -> None:
-    """Forget every checkpoint read so far (the next read of each goes to disk again)."""
-    _PICKLED.clear()
-    _SHARDED.clear()
+    """Forget every source opened so far (the next read of each goes to disk again; drops the memory maps)."""
+    from .checkpoint import clear_cache as clear
 
-
-_META_SKIPPED = ("state_dict", "optimizer_states", "lr_schedulers", "loops", "callbacks")
+    clear()
 
 
 def consolidate_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A sharded (FSDP) training checkpoint folder as one single-file checkpoint dict, in memory, on one process.
-
-    Gives our usual layout: ``state_dict`` (full tensors, the EMA copy moved out of it), ``ema[attr]``,
-    ``network_configs``, ``text_encoders`` and the step counters; the optimizer states stay behind, unread (resume
-    from the folder itself, on any number of ranks).
-    """
-    checkpoint = open_sharded(path)
-    state = checkpoint.tensors("state_dict.")
-    out = {k: copy.deepcopy(v) for k, v in checkpoint.meta.items() if k not in _META_SKIPPED}
-    ema = {k[len("ema_network."):]: state.pop(k) for k in list(state) if k.startswith("ema_network.")}
-    if ema:
-        out["ema"] = {checkpoint.meta.get("ema_of", "network"): ema}
-    out["state_dict"] = state
-    return out
-
-
-def _from_sharded(path: Path, stage: str, prefer_ema: bool, values: bool) -> tuple[StateDict, dict | None]:
-    """The network's tensors (EMA preferred, when the folder's EMA is of this network) and config from a sharded
-    folder; only those tensors are read."""
-    spec = _spec(stage)
-    checkpoint = open_sharded(path)
-    config = copy.deepcopy((checkpoint.meta.get("network_configs") or {}).get(spec.attribute))
-    if prefer_ema and checkpoint.meta.get("ema_of") == spec.attribute:
-        ema = checkpoint.tensors("state_dict.ema_network.", values)
-        if ema:
-            return ema, config
-    state = checkpoint.tensors(f"state_dict.{spec.attribute}.", values)
-    if not state:
-        raise KeyError(f"{path}: sharded training checkpoint holds no 'state_dict.{spec.attribute}.*' weights for "
-                       f"stage {stage}")
-    return state, config
+    """A sharded (FSDP) training checkpoint folder as one single-file checkpoint dict, in memory, on one process
+    (:meth:`~wuerstchen.weights.checkpoint.CheckpointFile.consolidated`)."""
+    return _opened(path).consolidated()
 
 
 def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
     """The plain (non-tensor) top-level entries of one of our training checkpoints, a file or a sharded folder:
-    ``text_encoders``, ``effnet_scale``, ``wandb_run_id``, ``global_step``, ... ({} for any other weight format)."""
+    ``text_encoders``, ``effnet_scale``, ``wandb_run_id``, ``global_step``, ... ({} for any other weight format and
+    for a path that holds nothing)."""
     path = Path(path)
-    file = path / "meta.pt" if is_sharded_checkpoint(path) else path
-    if not file.is_file() or file.suffix == ".safetensors":
+    if not (is_sharded_checkpoint(path) or path.is_file() and path.suffix != ".safetensors"):
         return {}
-    loaded = read_pickled(file)
-    if not isinstance(loaded, dict) or "pytorch-lightning_version" not in loaded:
-        return {}
-    # copies: the loaded checkpoint is shared with later reads of the file
-    return {k: copy.deepcopy(v) for k, v in loaded.items()
-            if k not in ("state_dict", "ema", "optimizer_states", "lr_schedulers")}
+    return _opened(path).info
 
 
-def read_weights(path: str | os.PathLike, stage: str, prefer_ema: bool = True,
+def read_weights(path: str | os.PathLike | Any, stage: str, prefer_ema: bool = True,
                  mmap: bool = False) -> tuple[StateDict, dict | None]:
-    """(state dict in our layout, config or None) from any supported source; checks that it is ``stage``.
+    """(state dict in our layout, config or None) from any supported source (a path or an opened
+    :class:`~wuerstchen.weights.checkpoint.CheckpointFile`); checks that it is ``stage``.
 
-    ``mmap``: only the shapes are needed (sharded folders then give meta-device tensors and read no shard). Pickled
-    files are read once per process (:func:`read_pickled`) and memory-mapped: the tensors of a ``.pt``/``.ckpt`` are
-    shared with later reads of that file, so copy them (``load_state_dict`` does) before changing them in place.
+    ``mmap``: only the shapes are needed (sharded folders then give meta-device tensors and read no shard). Sources are
+    opened once per process while unchanged and pickled files are memory-mapped: the tensors of a ``.pt``/``.ckpt``
+    are shared with later reads of that file, so copy them (``load_state_dict`` does) before changing them in place.
     """
-    path = Path(path)
-    config: dict[str, Any] | None = None
-    if is_sharded_checkpoint(path):
-        state, config = _from_sharded(path, stage, prefer_ema, values=not mmap)
-    elif path.is_dir():
-        state, diffusers_config = _read_diffusers_folder(path)
-        config = _config_from_diffusers(stage, diffusers_config)
-    elif path.suffix == ".safetensors":
-        state = load_file(path)
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-        if "wuerstchen_config" in metadata:
-            config = json.loads(metadata["wuerstchen_config"])
-    elif path.exists():
-        loaded = read_pickled(path)
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a dict of tensors or a checkpoint dict, got {type(loaded).__name__}")
-        state, config = _from_checkpoint(loaded, stage, str(path), prefer_ema)
-        state, config = dict(state), copy.deepcopy(config)  # the cached checkpoint's own dicts stay untouched
-    else:
-        raise FileNotFoundError(f"no weights at {path}")
-    state = strip_prefixes(state)
-    if is_diffusers_layout(state):
-        state = diffusers_to_released(state)
-    found = detect_stage(state)
-    if found != stage:
-        raise ValueError(f"{path} holds {'stage ' + found if found else 'no known'} network weights, not stage "
-                         f"{stage} ({len(state)} keys, e.g. {sorted(state)[:3]})")
-    return state, config
+    return _opened(path).weights(stage, prefer_ema, shapes_only=mmap)
 
 
 def shape_mismatches(module: nn.Module, state: StateDict) -> tuple[list[str], list[str], list[str]]:
@@ -403,9 +347,9 @@ def shape_mismatches(module: nn.Module, state: StateDict) -> tuple[list[str], li
 
 def infer_config(stage: str, state: StateDict) -> dict[str, Any]:
     """The full-size preset whose keys and shapes equal ``state``'s (released files carry no config)."""
-    for preset in _spec(stage).presets:
+    for preset in stage_spec(stage).presets:
         with torch.device("meta"):
-            module = _spec(stage).builder(**preset)
+            module = stage_spec(stage).builder(**preset)
         if not any(shape_mismatches(module, state)):
             return dict(preset)
     raise ValueError(f"the stage {stage} weights match no known full-size layout; give the model config "
@@ -438,22 +382,30 @@ def _check_fits(module: nn.Module, state: StateDict, path: str | os.PathLike, st
                          f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}, wrong shape {wrong[:8]}")
 
 
-def load_network(stage: str, path: str | os.PathLike, config: dict[str, Any] | None = None,
-                 prefer_ema: bool = True) -> tuple[nn.Module, dict[str, Any]]:
-    """Build the network the weights at ``path`` belong to and load them strictly.
-
-    The config comes from the source when it carries one (diffusers folder, our safetensors); a ``config`` given as
-    well must agree with it. Otherwise ``config`` is used, or the full-size layout the shapes match.
-    """
-    state, stored = read_weights(path, stage, prefer_ema)
+def build_network(stage: str, path: str | os.PathLike, state: StateDict, stored: dict[str, Any] | None,
+                  config: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """(network, its config): ``stage``'s network built with the ``stored`` config (a ``config`` given as well must
+    agree with it), else ``config``, else the full-size layout the shapes match; ``state`` loaded strictly."""
     config = _architecture(stage, path, state, stored, config)
-    module = _spec(stage).builder(**config)
+    module = stage_spec(stage).builder(**config)
     _check_fits(module, state, path, stage, config)
     module.load_state_dict(state, strict=True)
     return module, config
 
 
-def network_for(stage: str, path: str | os.PathLike | None, config: dict[str, Any] | None = None,
+def load_network(stage: str, path: str | os.PathLike | Any, config: dict[str, Any] | None = None,
+                 prefer_ema: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the network the weights at ``path`` (or an opened ``CheckpointFile``) belong to and load them strictly.
+
+    The config comes from the source when it carries one (our checkpoints, diffusers folder, our safetensors); a
+    ``config`` given as well must agree with it. Otherwise ``config`` is used, or the full-size layout the shapes match.
+    """
+    source = _opened(path)
+    state, stored = source.weights(stage, prefer_ema)
+    return build_network(stage, source.path, state, stored, config)
+
+
+def network_for(stage: str, path: str | os.PathLike | Any | None, config: dict[str, Any] | None = None,
                 **runtime: Any) -> nn.Module:
     """A freshly initialised network with the architecture of the weights at ``path`` (``init_from`` loads the weights
     themselves): fine-tuning configs build their network from the source instead of restating it.
@@ -474,7 +426,7 @@ def network_for(stage: str, path: str | os.PathLike | None, config: dict[str, An
         raise ValueError(f"init_from={path} carries no model config and matches no full-size stage {stage} layout: "
                          f"choose the model config explicitly (model/stage_{stage}@stage.stage_{stage}=NAME)") from None
     architecture = {k: v for k, v in architecture.items() if k not in _RUNTIME_KEYS}
-    module = _spec(stage).builder(**architecture, **runtime)
+    module = stage_spec(stage).builder(**architecture, **runtime)
     _check_fits(module, state, path, stage, architecture)
     return module
 
@@ -491,7 +443,7 @@ def save_wuerstchen(state: StateDict, stage: str, config: dict[str, Any], dst: s
 
 
 def diffusers_class(stage: str) -> type:
-    spec = _spec(stage)
+    spec = stage_spec(stage)
     if spec.diffusers_class is None:
         raise ValueError(f"diffusers has no class for stage {stage}; export it with --to wuerstchen")
     module_name, class_name = spec.diffusers_class.rsplit(".", 1)
@@ -499,7 +451,7 @@ def diffusers_class(stage: str) -> type:
 
 
 def diffusers_config(stage: str, config: dict[str, Any]) -> dict[str, Any]:
-    spec = _spec(stage)
+    spec = stage_spec(stage)
     return {**{spec.to_diffusers.get(k, k): v for k, v in config.items()}, **spec.diffusers_fixed}
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import write_tar
-from helpers import JOINT_COMPRESSOR, SIZE, common, losses, output, run, stage_c_inputs
+from helpers import JOINT_COMPRESSOR, SIZE, common, losses, output, run, stage_c_inputs, train_here
 from wuerstchen.data.cached import (CLIP, EFFNET_VIEW, EMPTY_CAPTION, INFO, LATENT, STAGE_A, CachedDataset,
                                     decode_npy, encode_npy, prepare_cache_info)
 from wuerstchen.weights import checkpoint_info
@@ -97,20 +97,20 @@ def test_cache_resumes_per_shard(cached: Path, shards: Path, chain: dict[str, Pa
 def test_stage_c_trains_from_the_cache(cached: Path, shards: Path, chain: dict[str, Path], tmp_path: Path) -> None:
     overrides = [o for o in common(shards, tmp_path / "c", 30, every=30) if not o.startswith("data.")]
     stage_b = chain["b"] / "checkpoints" / "last.ckpt"
-    result = run("train.py", "experiment=demo_stage_c", "data=cached", f"data.urls={cached}", "data.num_workers=0",
-                 "data.batch_size=16", "data.batches_per_epoch=10", "data.image_size=64", f"stage_b_ckpt={stage_b}",
-                 *overrides)
+    _, log = train_here("experiment=demo_stage_c", "data=cached", f"data.urls={cached}", "data.num_workers=0",
+                        "data.batch_size=16", "data.batches_per_epoch=10", "data.image_size=64",
+                        f"stage_b_ckpt={stage_b}", *overrides)
     values = losses(tmp_path / "c")
     assert len(values) == 30 and np.isfinite(values).all()
     assert np.mean(values[-10:]) < np.mean(values[:10])  # it learns from the cached latents
-    assert "Stage C latent 16x3x3 cached" in output(result)
+    assert "Stage C latent 16x3x3 cached" in log
     assert checkpoint_info(tmp_path / "c" / "checkpoints" / "last.ckpt")["effnet_scale"] == 1.5  # from the cache
     # a cache written with another compressor is refused before training
     other = chain["effnet"] / "checkpoints" / "last.ckpt"
-    refused = run("train.py", "experiment=demo_stage_c", "data=cached", f"data.urls={cached}", "data.num_workers=0",
-                  "data.batch_size=16", "data.image_size=64", f"stage_b_ckpt={other}",
-                  *[o.replace(str(tmp_path / "c"), str(tmp_path / "refused")) for o in overrides], check=False)
-    assert refused.returncode != 0 and "another compressor" in output(refused)
+    with pytest.raises(Exception, match="another compressor"):
+        train_here("experiment=demo_stage_c", "data=cached", f"data.urls={cached}", "data.num_workers=0",
+                   "data.batch_size=16", "data.image_size=64", f"stage_b_ckpt={other}",
+                   *[o.replace(str(tmp_path / "c"), str(tmp_path / "refused")) for o in overrides])
 
 
 @pytest.fixture(scope="module")
@@ -160,14 +160,15 @@ def test_stage_b_cache_holds_what_stage_b_computes_online(cached_b: Path, shards
 
 
 def stage_b_run(shards: Path, chain: dict[str, Path], run_dir: Path, *overrides: str, steps: int = 12,
-                stage_a: Path | None = None, check: bool = True):
+                stage_a: Path | None = None) -> str:
+    """A tiny Stage B run in this process; what it logged."""
     stage_a = stage_a or chain["a"] / "checkpoints" / "last.ckpt"
     base = common(shards, run_dir, steps, every=steps)
     if any(o.startswith("data.urls=") for o in overrides):  # a cache instead of the shards
         base = [o for o in base if not o.startswith(("data.urls=", "data.val_urls="))]
-    return run("train.py", "experiment=demo_stage_b", *base, "data.batch_size=8",
-               "data.shuffle_buffer=16", f"stage_a_ckpt={stage_a}",
-               f"stage.effnet_init={chain['effnet'] / 'checkpoints' / 'last.ckpt'}", *overrides, check=check)
+    return train_here("experiment=demo_stage_b", *base, "data.batch_size=8", "data.shuffle_buffer=16",
+                      f"stage_a_ckpt={stage_a}", f"effnet_init={chain['effnet'] / 'checkpoints' / 'last.ckpt'}",
+                      *overrides)[1]
 
 
 def test_cached_stage_b_follows_the_online_run(cached_b: Path, shards: Path, chain: dict[str, Path],
@@ -175,13 +176,13 @@ def test_cached_stage_b_follows_the_online_run(cached_b: Path, shards: Path, cha
     """Same seed, same stream order (the cache keeps shard names and sample order), same draws of t, noise and
     augmentation: the cached run's losses are the online run's up to float16 storage of latents and token states."""
     stage_b_run(shards, chain, tmp_path / "online", *JOINT_COMPRESSOR)
-    result = stage_b_run(shards, chain, tmp_path / "cached", *JOINT_COMPRESSOR, "data=synthetic_cached",
-                         f"data.urls={cached_b / 'train'}", f"data.val_urls={cached_b / 'val'}")
+    log = stage_b_run(shards, chain, tmp_path / "cached", *JOINT_COMPRESSOR, "data=synthetic_cached",
+                      f"data.urls={cached_b / 'train'}", f"data.val_urls={cached_b / 'val'}")
     online, cached = losses(tmp_path / "online"), losses(tmp_path / "cached")
     assert len(online) == len(cached) == 12 and np.isfinite(cached).all()
     np.testing.assert_allclose(cached, online, rtol=2e-2)
     assert not np.allclose(online[:6], online[6:])  # the comparison is over changing losses, not a constant
-    assert (tmp_path / "cached" / "previews").is_dir() and "Error" not in output(result)
+    assert (tmp_path / "cached" / "previews").is_dir() and "Error" not in log
 
 
 def test_stage_b_cache_refuses_what_it_was_not_written_for(cached_b: Path, shards: Path, chain: dict[str, Path],
@@ -191,24 +192,23 @@ def test_stage_b_cache_refuses_what_it_was_not_written_for(cached_b: Path, shard
     cache_b(shards, chain, frozen, f"effnet_ckpt={effnet}")
     data = ["data=cached", f"data.urls={frozen / 'train'}", f"data.val_urls={frozen / 'val'}"]
     # a frozen compressor's latents cannot train a compressor
-    refused = stage_b_run(shards, chain, tmp_path / "joint", *JOINT_COMPRESSOR, *data, check=False)
-    assert refused.returncode != 0 and "stage.freeze_effnet=true" in output(refused)
+    with pytest.raises(Exception, match="stage.freeze_effnet=true"):
+        stage_b_run(shards, chain, tmp_path / "joint", *JOINT_COMPRESSOR, *data)
     # the demo's frozen compressor trains from them
     stage_b_run(shards, chain, tmp_path / "frozen", *data, "stage.freeze_effnet=true", steps=6)
     assert np.isfinite(losses(tmp_path / "frozen")).all()
     # another Stage A than the one that wrote the cache
-    other_a = run("train.py", "experiment=demo_stage_a", *common(shards, tmp_path / "a2", 1, every=1),
-                  "stage.stage_a.c_hidden=16", "data.batch_size=2", "stage.latent_scale_images=8")
-    assert other_a.returncode == 0
-    refused = stage_b_run(shards, chain, tmp_path / "other_a", *JOINT_COMPRESSOR, "data=cached",
-                          f"data.urls={cached_b / 'train'}", f"data.val_urls={cached_b / 'val'}",
-                          stage_a=tmp_path / "a2" / "checkpoints" / "last.ckpt", check=False)
-    assert refused.returncode != 0 and "another Stage A" in output(refused)
+    train_here("experiment=demo_stage_a", *common(shards, tmp_path / "a2", 1, every=1), "stage.stage_a.c_hidden=16",
+               "data.batch_size=2", "stage.latent_scale_images=8")
+    with pytest.raises(Exception, match="another Stage A"):
+        stage_b_run(shards, chain, tmp_path / "other_a", *JOINT_COMPRESSOR, "data=cached",
+                    f"data.urls={cached_b / 'train'}", f"data.val_urls={cached_b / 'val'}",
+                    stage_a=tmp_path / "a2" / "checkpoints" / "last.ckpt")
     # Stage C needs the compressor's latents, which a joint Stage B cache does not hold
-    refused = run("train.py", "experiment=demo_stage_c", "data=cached", f"data.urls={cached_b / 'train'}",
-                  "data.val_urls=null", "data.num_workers=0", f"run_dir={tmp_path / 'c'}", "trainer.max_steps=2",
-                  f"stage_b_ckpt={chain['b'] / 'checkpoints' / 'last.ckpt'}", check=False)
-    assert refused.returncode != 0 and "latent.npy" in output(refused)
+    with pytest.raises(Exception, match="latent.npy"):
+        train_here("experiment=demo_stage_c", "data=cached", f"data.urls={cached_b / 'train'}", "data.val_urls=null",
+                   "data.num_workers=0", f"run_dir={tmp_path / 'c'}", "trainer.max_steps=2",
+                   f"stage_b_ckpt={chain['b'] / 'checkpoints' / 'last.ckpt'}")
 
 
 # -- caches with unexpected shapes, exact-shape batches, skipping without reading arrays, adding to a folder --------

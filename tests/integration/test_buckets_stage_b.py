@@ -16,11 +16,11 @@ from omegaconf import OmegaConf
 
 from wuerstchen.data.buckets import BASE_MULTIPLE, AspectBuckets, resolve_multiple
 from wuerstchen.data.datamodule import WebDataModule
-from wuerstchen.data.transforms import latent_size
+from wuerstchen.models.compressor import latent_size
 from wuerstchen.models import StageA, StageB, StageC
 from wuerstchen.models.stage_b import RELEASED_PIXEL_MULTIPLE, pixel_multiple
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RATIOS = [float(r) for r in OmegaConf.load(ROOT / "configs" / "data" / "laion_buckets.yaml").ratios]
 CLIP_EMBD = 8
 # the released Stage B's levels at tiny widths
@@ -141,7 +141,7 @@ def stage_b_module():
         cfg = compose(config_name="train", overrides=overrides)
     torch.manual_seed(0)
     stage_a = StageA(levels=2, bottleneck_blocks=1, c_hidden=16, codebook_size=8)
-    return instantiate(cfg.stage, stage_a=stage_a, stage_a_ckpt=None)
+    return instantiate(cfg.stage, stage_a=stage_a)
 
 
 def test_data_module_driven_by_stage_b_yields_only_64_px_sides(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
-"""Resume through scripts/train.py: N steps + resume to 2N gives bitwise the losses and weights of an uninterrupted
-2N-step run; a process killed mid-save leaves the previous checkpoint; old checkpoints are pruned."""
+"""Resume through the training entry point (``wuerstchen.train.train``, what scripts/train.py runs): N steps + resume
+to 2N gives bitwise the losses and weights of an uninterrupted 2N-step run; a process killed mid-save leaves the
+previous checkpoint; old checkpoints are pruned."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, common, losses_by_step, output, run
+from helpers import ROOT, common, losses_by_step, run, train_here
 
 from wuerstchen.training.checkpointing import complete_checkpoints
 
@@ -30,9 +31,7 @@ def stage_overrides(stage: str, chain: dict[str, Path]) -> list[str]:
 
 def weights(ckpt: Path) -> dict[str, torch.Tensor]:
     state = torch.load(ckpt, weights_only=True)
-    flat = dict(state["state_dict"])
-    for name, ema in (state.get("ema") or {}).items():
-        flat.update({f"ema.{name}.{k}": v for k, v in ema.items()})
+    flat = dict(state["state_dict"])  # the EMA copy included, as ema_network.*
     for i, optimizer in enumerate(state["optimizer_states"]):
         for param, slots in optimizer["state"].items():
             flat.update({f"opt{i}.{param}.{k}": v for k, v in slots.items() if torch.is_tensor(v)})
@@ -44,11 +43,11 @@ def test_resumed_run_matches_an_uninterrupted_one_bitwise(shards: Path, chain: d
                                                          stage: str) -> None:
     extra = stage_overrides(stage, chain)
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    run("train.py", *common(shards, full, STEPS, every=4), *extra)
-    first = run("train.py", *common(shards, resumed, STEPS // 2, every=4), *extra)
-    assert "resuming from" not in output(first)
-    second = run("train.py", *common(shards, resumed, STEPS, every=4), *extra)  # the same command, more steps
-    assert f"resuming from {resumed / 'checkpoints' / 'step=0000006.ckpt'}" in output(second)
+    train_here(*common(shards, full, STEPS, every=4), *extra)
+    _, first = train_here(*common(shards, resumed, STEPS // 2, every=4), *extra)
+    assert "resuming from" not in first
+    _, second = train_here(*common(shards, resumed, STEPS, every=4), *extra)  # the same command, more steps
+    assert f"resuming from {resumed / 'checkpoints' / 'step=0000006.ckpt'}" in second
 
     expected, got = losses_by_step(full), losses_by_step(resumed)
     assert sorted(expected) == list(range(STEPS)) and got == expected  # every step once, the same float
@@ -70,10 +69,10 @@ def test_a_resume_at_an_epochs_last_batch_is_bitwise(shards: Path, chain: dict[s
     validation pass, which the resumed run does not repeat."""
     extra = [*stage_overrides(stage, chain), "data.batches_per_epoch=6", "data.val_batches=2"]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    run("train.py", *common(shards, full, STEPS, every=6), *extra)
-    run("train.py", *common(shards, resumed, STEPS // 2, every=6), *extra)
-    second = run("train.py", *common(shards, resumed, STEPS, every=6), *extra)
-    assert f"resuming from {resumed / 'checkpoints' / 'step=0000006.ckpt'}" in output(second)
+    train_here(*common(shards, full, STEPS, every=6), *extra)
+    train_here(*common(shards, resumed, STEPS // 2, every=6), *extra)
+    _, second = train_here(*common(shards, resumed, STEPS, every=6), *extra)
+    assert f"resuming from {resumed / 'checkpoints' / 'step=0000006.ckpt'}" in second
     expected, got = losses_by_step(full), losses_by_step(resumed)
     assert sorted(expected) == list(range(STEPS)) and got == expected
     assert losses_by_step(resumed, "val/loss") == losses_by_step(full, "val/loss") != {}
@@ -120,9 +119,9 @@ def test_kill_during_save_keeps_the_previous_checkpoint(shards: Path, chain: dic
     assert [step for step, _ in complete_checkpoints(checkpoints)] == [4]
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 4
 
-    again = run("train.py", *common(shards, run_dir, STEPS, every=4), *extra)
-    assert f"resuming from {checkpoints / 'step=0000004.ckpt'}" in output(again)
-    assert "removing incomplete checkpoint" in output(again)
+    _, again = train_here(*common(shards, run_dir, STEPS, every=4), *extra)
+    assert f"resuming from {checkpoints / 'step=0000004.ckpt'}" in again
+    assert "removing incomplete checkpoint" in again
     assert not list(checkpoints.glob(".*"))
     # keep_last=2, and the checkpoint this attempt started from (step 4) is never pruned by it
     assert [step for step, _ in complete_checkpoints(checkpoints)] == [4, 8, 12]
@@ -133,12 +132,12 @@ def test_resume_false_refuses_a_run_dir_with_checkpoints(shards: Path, tmp_path:
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()
     torch.save({}, checkpoints / "step=0000010.ckpt")
-    result = run("train.py", "experiment=demo_stage_a", *common(shards, tmp_path, 4), "resume=false", check=False)
-    assert result.returncode != 0
-    assert "resume=true" in output(result) and "step=0000010.ckpt" in output(result)
+    with pytest.raises(ValueError, match=r"already holds checkpoints \(step=0000010.ckpt\); resume=true"):
+        train_here("experiment=demo_stage_a", *common(shards, tmp_path, 4), "resume=false")
 
 
 def test_a_resumed_run_continues_the_same_wandb_run(shards: Path, tmp_path: Path) -> None:
+    """Two processes (in one, Lightning's WandbLogger would reuse the wandb run still open from the first)."""
     overrides = ["experiment=demo_stage_a", "stage.stage_a.c_hidden=16", "data.batch_size=4", "logger=wandb",
                  "callbacks.preview=null", "stage.latent_scale_images=32"]
     run("train.py", *common(shards, tmp_path, 3, every=3), *overrides)

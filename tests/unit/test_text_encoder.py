@@ -134,7 +134,7 @@ def test_hydra_text_encoder_configs_pad_with_eot_and_mask() -> None:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    root = Path(__file__).parents[1] / "configs" / "model" / "text_encoder"
+    root = Path(__file__).parents[2] / "configs" / "model" / "text_encoder"
     for name in ("vit_h", "vit_bigg", "tiny"):
         cfg = OmegaConf.load(root / f"{name}.yaml")
         assert (cfg.pad_token, cfg.padding_mask) == ("eot", True), name

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, SIZE, losses_by_step, output, run
+from helpers import ROOT, SIZE, losses_by_step, output, train_here
 
 from wuerstchen.training.checkpointing import complete_checkpoints
 
@@ -60,8 +60,8 @@ def test_signal_to_the_process_group_saves_once_and_the_rerun_finishes(shards: P
     assert "NOT requeued" in log
     assert complete_checkpoints(run_dir / "checkpoints")[-1][0] == stopped
 
-    again = run("train.py", *args)
-    assert f"resuming from {run_dir / 'checkpoints' / f'step={stopped:07d}.ckpt'}" in output(again)
+    result, again = train_here(*args)  # the re-run, in this process
+    assert result.exit_status == 0 and f"resuming from {run_dir / 'checkpoints' / f'step={stopped:07d}.ckpt'}" in again
     assert sorted(losses_by_step(run_dir)) == list(range(STEPS))  # every step once over both runs
     assert not (run_dir / "checkpoints" / ".lock").exists()
 
@@ -84,8 +84,8 @@ def test_a_signal_at_an_awkward_moment_ends_the_same_way(shards: Path, tmp_path:
         stopped = int(log.split("received SIGUSR1: saving at step ")[1].split()[0])
         assert stopped == {"validation": 7, "save": 5}[where], log[-3000:]
         assert [step for step, _ in complete_checkpoints(run_dir / "checkpoints")] == [4, stopped]
-    again = run("train.py", *args)
-    assert sorted(losses_by_step(run_dir)) == list(range(STEPS)), output(again)[-2000:]
+    _, again = train_here(*args)  # the re-run, in this process
+    assert sorted(losses_by_step(run_dir)) == list(range(STEPS)), again[-2000:]
 
 
 def test_a_missing_scontrol_is_a_failed_requeue(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -13,7 +13,7 @@ from types import ModuleType
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_models.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_models.py"
 TIME_KEYS = ("ours_ms", "diffusers_ms", "diffusers+sdpa_ms")
 
 

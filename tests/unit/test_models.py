@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -14,26 +15,7 @@ from wuerstchen.models import SemanticCompressor, StageB, StageC
 from wuerstchen.models.text_encoder import TextEncoder, text_state_dict
 from wuerstchen.weights import diffusers_to_released, released_to_diffusers
 
-TINY_C = dict(c_in=16, c=32, c_cond=24, c_r=8, depth=2, nhead=4)
-TINY_B = dict(c_hidden=[16, 32], nhead=[-1, 4], blocks=[1, 2], level_config=["CT", "CTA"],
-              inject_effnet=[False, True], effnet_embd=16, clip_embd=20, c_cond=24, c_r=8)
-
-
-def randomise(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random parameters everywhere: zero-initialised layers would hide wiring errors."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
-    return module.eval()
-
-
-def tame_prior_output(module: torch.nn.Module) -> None:
-    """Keep |1 - B| away from 0: the A/B parameterisation divides by it and would amplify rounding into noise."""
-    with torch.no_grad():
-        module.out[1].weight.mul_(0.1)
-        module.out[1].bias.zero_()
-
+from helpers import TINY_B, TINY_C, randomise, tame_prior_output
 
 @pytest.mark.parametrize(("batch", "height", "width"), [(1, 6, 6), (3, 5, 7), (2, 8, 3)])
 def test_stage_c_matches_diffusers_both_ways(batch: int, height: int, width: int) -> None:
@@ -117,24 +99,112 @@ def test_stage_c_input_and_text_mappers_start_from_the_official_normal_init() ->
     assert xavier.abs().max().item() <= (6 / sum(xavier.shape[:2])) ** 0.5 and xavier.std().item() > 0.03
 
 
-@pytest.mark.parametrize("builder", ["b", "c"])
-def test_activation_checkpointing_gives_the_same_gradients(builder: str) -> None:
-    torch.manual_seed(0)
-    if builder == "c":
-        model = randomise(StageC(**TINY_C, dropout=0.0))
-        inputs = (torch.randn(2, 16, 4, 6), torch.rand(2), torch.randn(2, 77, 24))
-    else:
-        model = randomise(StageB(**TINY_B, dropout=0.0))
-        inputs = (torch.randn(2, 4, 8, 8), torch.rand(2), torch.randn(2, 16, 3, 3), torch.randn(2, 77, 20))
-    model.train()
-    grads = []
-    for checkpointing in (False, True):
-        model.grad_checkpointing = checkpointing
-        model.zero_grad()
-        model(*inputs).square().mean().backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
-    for plain, checkpointed in zip(*grads):
-        assert torch.allclose(plain, checkpointed, atol=1e-6)
+TINY_A = dict(levels=2, bottleneck_blocks=2, c_hidden=16, c_latent=4, codebook_size=8)
+# what each network's root holds besides its units (the stems, heads and samplers its fsdp_units() names)
+ROOTS = {
+    "a": ("in_block.", "down_blocks.1.", "down_blocks.3.", "vquantizer.", "up_blocks.0.", "up_blocks.3.", "out_block."),
+    "b": ("clip_mapper.", "effnet_mappers.", "embedding.", "down_blocks.1.0.", "up_blocks.0.6.", "clf."),
+    "c": ("projection.", "cond_mapper.", "out."),
+    "effnet": ("backbone.model.conv_stem.", "backbone.model.bn1.", "backbone.model.conv_head.", "backbone.model.bn2.",
+               "mapper."),
+    "released_effnet": ("backbone.0.", "backbone.7.", "mapper."),
+    "discriminator": ("to_logits.",),
+}
+
+
+def tiny_network(name: str) -> torch.nn.Module:
+    from wuerstchen.models import PatchDiscriminator, StageA
+
+    if name == "released_effnet":
+        with torch.device("meta"):
+            return SemanticCompressor.released_v2()
+    return {"a": lambda: StageA(**TINY_A), "b": lambda: StageB(**TINY_B, dropout=0.0),
+            "c": lambda: StageC(**TINY_C, dropout=0.0),
+            "effnet": lambda: SemanticCompressor(backbone="timm", timm_name="test_efficientnet"),
+            "discriminator": lambda: PatchDiscriminator(channels=(8, 16, 32))}[name]()
+
+
+@pytest.mark.parametrize("name", list(ROOTS))
+def test_units_hold_every_parameter_once_and_the_root_only_its_stems(name: str) -> None:
+    network = tiny_network(name)
+    units = network.fsdp_units()
+    owner = {}
+    for index, unit in enumerate(units):
+        assert unit and all(isinstance(m, torch.nn.Module) for m in unit)
+        for module in unit:
+            for p in module.parameters():
+                assert id(p) not in owner, f"a parameter of unit {index} is also in unit {owner[id(p)]}"
+                owner[id(p)] = index
+    root = [n for n, p in network.named_parameters() if id(p) not in owner]
+    assert all(n.startswith(ROOTS[name]) for n in root), [n for n in root if not n.startswith(ROOTS[name])]
+    assert {prefix for prefix in ROOTS[name] if any(n.startswith(prefix) for n in root)} == set(ROOTS[name])
+    in_units = sum(p.numel() for p in network.parameters() if id(p) in owner)
+    assert in_units > 0.6 * sum(p.numel() for p in network.parameters())  # the units carry most of the weights
+
+
+def test_stage_c_units_are_the_res_timestep_attn_triples_in_the_released_key_layout() -> None:
+    from wuerstchen.models.common import AttnBlock, ResBlock, TimestepBlock
+
+    model = StageC(**TINY_C)
+    units = model.fsdp_units()
+    assert len(units) == TINY_C["depth"]
+    assert all([type(m) for m in unit] == [ResBlock, TimestepBlock, AttnBlock] for unit in units)
+    assert [m for unit in units for m in unit] == list(model.blocks)  # flat in `blocks`: keys blocks.0 .. blocks.5
+    b_units = StageB(**TINY_B).fsdp_units()
+    assert [len(u) for u in b_units] == [2, 3, 3, 3, 3, 2]  # CT x1, CTA x2 down; CTA x2, CT x1 up
+
+
+def _forward_loss(name: str, model: torch.nn.Module) -> torch.Tensor:
+    torch.manual_seed(1)
+    if name == "a":
+        output = model(torch.rand(2, 3, 16, 16))
+        return output.reconstruction.square().mean() + output.vq_loss
+    if name == "b":
+        inputs = torch.randn(2, 4, 8, 8), torch.rand(2), torch.randn(2, 16, 3, 3), torch.randn(2, 77, 20)
+        return model(*inputs).square().mean()
+    return model(torch.randn(2, 16, 4, 6), torch.rand(2), torch.randn(2, 77, 24)).square().mean()
+
+
+@pytest.mark.parametrize("name", ["a", "b", "c"])
+def test_activation_checkpointing_recomputes_exactly_the_units_with_bitwise_equal_loss_and_gradients(name: str) -> None:
+    """Every module of a unit runs twice (forward, then recomputed in the backward), every root module once."""
+    from wuerstchen.training.distributed import parallelize
+
+    plain = randomise(tiny_network(name)).train()
+    checkpointed = copy.deepcopy(plain)
+    assert not checkpointed.grad_checkpointing
+    units = parallelize(checkpointed, activation_checkpointing=True)  # no mesh: checkpointing alone
+    assert checkpointed.grad_checkpointing
+    calls: dict[str, int] = {}
+    order: list[int] = []
+    for index, unit in enumerate(units):
+        unit[0].register_forward_pre_hook(lambda m, i, index=index: order.append(index))
+    for module_name, module in checkpointed.named_modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            module.register_forward_hook(lambda m, i, o, key=module_name: calls.__setitem__(key, calls.get(key, 0) + 1))
+    results = []
+    for model in (plain, checkpointed):
+        with torch.utils.checkpoint.set_checkpoint_early_stop(False):  # recompute whole units, to count the calls
+            loss = _forward_loss(name, model)
+            loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss_plain, grads_plain), (loss_ckpt, grads_ckpt) = results
+    assert torch.equal(loss_ckpt, loss_plain)
+    assert grads_ckpt.keys() == grads_plain.keys()
+    for key, grad in grads_plain.items():
+        assert grad is not None and torch.equal(grads_ckpt[key], grad), key
+    in_units = {id(m) for unit in units for block in unit for m in block.modules()}
+    names = dict(checkpointed.named_modules())
+    wrong = {key: count for key, count in calls.items() if count != (2 if id(names[key]) in in_units else 1)}
+    assert calls and not wrong, wrong
+    assert order[:len(units)] == list(range(len(units)))  # fsdp_units() lists the units in forward order
+
+
+def test_parallelize_leaves_networks_without_checkpointing_as_they_are() -> None:
+    from wuerstchen.training.distributed import parallelize
+
+    effnet = tiny_network("effnet")
+    assert len(parallelize(effnet, activation_checkpointing=True)) == 5 and not hasattr(effnet, "grad_checkpointing")
 
 
 def test_compressor_layouts_and_latent_maps() -> None:

@@ -3,6 +3,8 @@ uses and leave the ranks with one codebook."""
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +46,8 @@ class RankRecord(L.Callback):
 
 def test_ddp_codebook_restarts_sum_uses_over_ranks_and_keep_one_codebook(shards: Path, tmp_path: Path,
                                                                           monkeypatch) -> None:
-    monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests"))  # the training processes import RankRecord from here
+    # the training processes import RankRecord from here (and this module's helpers)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "tests" / "integration"), str(ROOT / "tests")]))
     overrides = [o for o in common(shards, tmp_path / "run", STEPS, every=STEPS) if "num_workers" not in o]
     run("train.py", *overrides, "experiment=demo_stage_a", "stage.stage_a.c_hidden=16", "stage.latent_scale_images=32",
         f"stage.stage_a.codebook_size={CODES}", f"stage.codebook_restart_every={RESTART_EVERY}",

@@ -1,5 +1,5 @@
 """Stage A's latent scale: the measurement against closed forms and torch over the concatenated latents (also over
-two gloo ranks), a run's final checkpoint recording it (through scripts/train.py) for Stage B to use, the resume
+two gloo ranks), a run's final checkpoint recording it (through wuerstchen.train) for Stage B to use, the resume
 that crosses the measuring step staying bitwise, the command that rewrites a checkpoint, and caches written at
 another scale refused."""
 
@@ -15,15 +15,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import common, losses_by_step, output, run
+from helpers import common, losses_by_step, output, run, train_here
 
 from wuerstchen.data import ImageTransform, WebImageTextDataset, to_model_inputs
 from wuerstchen.data.cached import STAGE_A, check_cache_matches, fingerprint
 from wuerstchen.models import StageA
-from wuerstchen.training.base import load_frozen
 from wuerstchen.training.latent_scale import (MeasurementFailed, check_rewritable, latent_moments,
                                               write_scale_factor)
 from wuerstchen.weights import load_network, save_wuerstchen
+from wuerstchen.weights.loaders import pretrained
 
 TINY = dict(levels=2, bottleneck_blocks=1, c_hidden=16, c_latent=4, codebook_size=64, scale_factor=1.0)
 NUM_IMAGES = 24  # what the training runs measure over: the first 24 centre crops of the training shards
@@ -112,11 +112,12 @@ def test_a_failed_measurement_raises_alike_on_every_rank() -> None:
 
 
 # -- a Stage A run records it; Stage B and caches use it ----------------------------------------------------------
-def stage_a_run(shards: Path, run_dir: Path, steps: int, *extra: str):
-    return run("train.py", "experiment=demo_stage_a", *common(shards, run_dir, steps, every=100),
-               "stage.stage_a.c_hidden=16", "stage.stage_a.codebook_size=64", "data.batch_size=4",
-               "data.batches_per_epoch=5", "callbacks.preview=null", "data.val_urls=null",
-               "stage.ema={decay: 0.5}", f"stage.latent_scale_images={NUM_IMAGES}", *extra)
+def stage_a_run(shards: Path, run_dir: Path, steps: int, *extra: str) -> str:
+    """A tiny Stage A run in this process; what it logged."""
+    return train_here("experiment=demo_stage_a", *common(shards, run_dir, steps, every=100),
+                      "stage.stage_a.c_hidden=16", "stage.stage_a.codebook_size=64", "data.batch_size=4",
+                      "data.batches_per_epoch=5", "callbacks.preview=null", "data.val_urls=null",
+                      "stage.ema={decay: 0.5}", f"stage.latent_scale_images={NUM_IMAGES}", *extra)[1]
 
 
 def first_images(shards: Path, num_images: int) -> torch.Tensor:
@@ -133,7 +134,7 @@ def stage_a_runs(shards: Path, tmp_path_factory) -> dict[str, Path]:
     runs = {"full": root / "full", "resumed": root / "resumed"}
     stage_a_run(shards, runs["full"], 4)
     first = stage_a_run(shards, runs["resumed"], 2)
-    assert "Stage A latent scale over 24 images" in output(first)
+    assert "Stage A latent scale over 24 images" in first
     stage_a_run(shards, runs["resumed"], 4)
     return runs
 
@@ -156,7 +157,7 @@ def test_final_checkpoint_records_the_measured_scale(stage_a_runs: dict[str, Pat
 
 def test_stage_b_trains_on_unit_second_moment_latents(stage_a_runs: dict[str, Path], shards: Path) -> None:
     ckpt = stage_a_runs["full"] / "checkpoints" / "last.ckpt"
-    stage_a = load_frozen("a", str(ckpt), "stage_a_ckpt")  # how StageBModule and scripts/cache_latents.py load it
+    stage_a = pretrained("a", str(ckpt), "stage_a_ckpt")  # as Stage B's stage_a node loads it
     images = first_images(shards, NUM_IMAGES)
     with torch.no_grad():
         x0 = stage_a.encode(images).double()  # Stage B's x0
@@ -208,8 +209,8 @@ def test_the_command_rewrites_a_checkpoint(stage_a_runs: dict[str, Path], shards
 
 def test_a_cache_written_at_another_scale_is_refused(stage_a_runs: dict[str, Path], tmp_path: Path) -> None:
     src = stage_a_runs["full"] / "checkpoints" / "last.ckpt"
-    cached_with = load_frozen("a", str(write_scale_factor(src, 0.5, tmp_path / "old.ckpt")), "stage_a_ckpt")
-    ours = load_frozen("a", str(src), "stage_a_ckpt")
+    cached_with = pretrained("a", str(write_scale_factor(src, 0.5, tmp_path / "old.ckpt")), "stage_a_ckpt")
+    ours = pretrained("a", str(src), "stage_a_ckpt")
     assert fingerprint(cached_with) == fingerprint(ours)  # same tensors: only the recorded scale tells them apart
     info = {"arrays": {STAGE_A: ""}, "stage_a_sha1": fingerprint(cached_with),
             "stage_a_config": json.loads(json.dumps(cached_with.config))}  # as cache_latents.py writes it

@@ -12,19 +12,17 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
 
-from helpers import ROOT, SIZE, common, losses, run
+from helpers import ROOT, SIZE, common, losses, run, train_here
+from wuerstchen.evaluation import caption_accuracy, generate, held_out, prior_probe, stage_a_psnr
+from wuerstchen.pipeline import Pipeline
+from wuerstchen.train import compose as compose_train
 from wuerstchen.weights import checkpoint_info, load_network
 
 CONFIGS = ROOT / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
-# from_init builds the architecture of init_from's weights (tests/test_finetune.py)
+# from_init builds the architecture of init_from's weights (tests/integration/test_finetune.py)
 MODEL_CONFIGS = sorted(f"{p.parent.name}/{p.stem}" for p in (CONFIGS / "model").glob("*/*.yaml")
                        if p.stem != "from_init")
-
-
-def compose_train(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -89,7 +87,7 @@ def test_checkpoints_carry_what_the_next_stage_needs(chain: dict[str, Path]) -> 
     assert pretrained.config == effnet.config
     assert not all(torch.equal(a, b) for a, b in zip(pretrained.state_dict().values(), effnet.state_dict().values()))
     c_ckpt = torch.load(chain["c"] / "checkpoints" / "last.ckpt", weights_only=True)
-    assert set(c_ckpt["ema"]) == {"stage_c"} and c_ckpt["text_encoders"]["text_encoder"]["model_name"] == \
+    assert c_ckpt["ema_of"] == "stage_c" and c_ckpt["text_encoders"]["text_encoder"]["model_name"] == \
         "wuerstchen-tiny-text"
     assert not any(k.startswith("text_encoder") for k in c_ckpt["state_dict"])  # frozen CLIP is not saved
     # the compressor view scale it trained with, so sampling builds the same latent size (3x3 at 64 px)
@@ -115,6 +113,29 @@ def test_sampling_writes_images_of_the_requested_size(chain: dict[str, Path], tm
     assert (tmp_path / "out" / "grid.png").exists()
 
 
+def test_the_demo_measures_run_on_the_chain(chain: dict[str, Path], shards: Path) -> None:
+    """wuerstchen.evaluation as scripts/demo.py runs it: Stage A's PSNR, generation through the pipeline built from
+    the checkpoints, caption scores and the prior probe."""
+    samples = held_out(shards / "val", SIZE, 8)
+    psnr = stage_a_psnr(chain["a"] / "checkpoints" / "last.ckpt", samples)
+    assert set(psnr) == {"stage_a_psnr", "stage_a_color_accuracy", "stage_a_psnr_quantized"}
+    assert 10 < psnr["stage_a_psnr"] < 60 and 0 <= psnr["stage_a_color_accuracy"] <= 1
+    c, b = chain["c"] / "checkpoints" / "last.ckpt", chain["b"] / "checkpoints" / "last.ckpt"
+    pipeline = Pipeline.from_checkpoints(c, b)
+    assert pipeline.effnet_scale == 1.5 and pipeline.trained_latent_sizes == [(3, 3)]  # recorded by Stage C
+    assert pipeline.prior_size(SIZE, SIZE) == (3, 3) and not pipeline.stage_c.training
+    captions = [s["caption"] for s in samples[:4]]
+    images = generate(pipeline, captions, SIZE, batch_size=2, progress=False)
+    assert images.shape == (4, 3, SIZE, SIZE) and 0 <= images.min() and images.max() <= 1
+    assert torch.equal(images[:2], generate(pipeline, captions[:2], SIZE, progress=False))  # seeded, batch by batch
+    scores = caption_accuracy(images, samples[:4])
+    assert set(scores) == {f"caption_{k}_accuracy" for k in ("color", "shape", "position", "all")}
+    probe = prior_probe(b, {"prior": c}, shards, SIZE, 1.5, samples, train_samples=200)
+    assert set(probe) == {"real latents", "prior"}
+    assert set(probe["prior"]) == {"probe_colour_accuracy", "probe_position_accuracy"}
+    assert probe["real latents"]["probe_position_accuracy"] >= 0.5  # the compressor's 3x3 latent localises the object
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     (["experiment=demo_stage_b", "stage_a_ckpt=null"], "stage_a_ckpt is required"),
     (["experiment=demo_stage_c", "stage_b_ckpt=/nowhere/last.ckpt"], "/nowhere/last.ckpt"),
@@ -125,18 +146,24 @@ def test_sampling_writes_images_of_the_requested_size(chain: dict[str, Path], tm
 ])
 def test_broken_configs_stop_before_training_naming_the_key(shards: Path, tmp_path: Path, overrides: list[str],
                                                            message: str) -> None:
-    result = run("train.py", *overrides, f"data.urls={shards / 'train'}", f"run_dir={tmp_path}", check=False)
-    assert result.returncode != 0
-    assert message in result.stderr + result.stdout
+    with pytest.raises(Exception) as error:
+        train_here(*overrides, f"data.urls={shards / 'train'}", f"run_dir={tmp_path}")
+    assert message in str(error.value)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_broken_config_exits_non_zero(shards: Path, tmp_path: Path) -> None:
+    result = run("train.py", "experiment=demo_stage_a", "data.image_size=100", f"data.urls={shards / 'train'}",
+                 f"run_dir={tmp_path}", check=False)
+    assert result.returncode != 0 and "data.image_size=100" in result.stderr + result.stdout
 
 
 def test_frozen_compressor_stays_as_initialised(chain: dict[str, Path], shards: Path, tmp_path: Path) -> None:
     """demo_stage_b keeps its pretrained compressor frozen: weights and BatchNorm statistics unchanged, not trained."""
     run_dir = tmp_path / "b"
     init = chain["effnet"] / "checkpoints" / "last.ckpt"
-    run("train.py", "experiment=demo_stage_b", *common(shards, run_dir, 3, every=3), "data.batch_size=8",
-        f"stage_a_ckpt={chain['a'] / 'checkpoints' / 'last.ckpt'}", f"stage.effnet_init={init}")
+    train_here("experiment=demo_stage_b", *common(shards, run_dir, 3, every=3), "data.batch_size=8",
+               f"stage_a_ckpt={chain['a'] / 'checkpoints' / 'last.ckpt'}", f"effnet_init={init}")
     before, _ = load_network("effnet", init)
     after, _ = load_network("effnet", run_dir / "checkpoints" / "last.ckpt")
     assert all(torch.equal(v, after.state_dict()[k]) for k, v in before.state_dict().items())

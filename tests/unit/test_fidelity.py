@@ -56,9 +56,9 @@ class Recording(torch.nn.Module):
 def test_targets_and_conditionings_are_fp32_under_bf16_autocast(make) -> None:
     """The official training encodes and noises in fp32 and runs only the trained network under autocast."""
     module = make().eval()
-    reference_x0, reference_cond = module.inputs(batch(), train=False)
+    reference_x0, reference_cond = module.conditioning.encode(batch())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        x0, cond = module.inputs(batch(), train=False)
+        x0, cond = module.conditioning.encode(batch())
         name = module.trained[0]
         recording = Recording(getattr(module, name))
         setattr(module, name, recording)

@@ -1,4 +1,5 @@
-"""Tests of the built-in synthetic shape dataset: renderer, shard writer, CLI and the numpy scorer."""
+"""Tests of the built-in synthetic shape dataset: renderer, shard writer, CLI, and its evaluation (the numpy scorer,
+the held-out set, caption accuracy and captioned grids)."""
 
 from __future__ import annotations
 
@@ -17,11 +18,11 @@ from PIL import Image
 
 from wuerstchen.data import synthetic as syn
 from wuerstchen.data.synthetic import (
-    COLOURS, POSITIONS, SHAPES, SIZES, caption_for, make_sample, parse_caption, predict_labels,
-    score_batch, score_image, write_synthetic_shards,
+    COLOURS, POSITIONS, SHAPES, SIZES, caption_for, make_sample, parse_caption, write_synthetic_shards,
 )
+from wuerstchen.evaluation import caption_accuracy, captioned_grid, held_out, predict_labels, score_batch, score_image
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 JSON_FIELDS = {"url", "caption", "key", "status", "error_message", "width", "height", "original_width",
                "original_height", "aesthetic", "punsafe", "pwatermark", "similarity", "labels"}
 
@@ -246,3 +247,18 @@ def test_scorer_accepts_tensors_arrays_and_pil() -> None:
     batch = torch.stack([chw, chw, torch.zeros_like(chw)])
     acc = score_batch(batch, [labels] * 3)
     assert acc == pytest.approx({"colour": 2 / 3, "shape": 2 / 3, "position": 2 / 3, "all": 2 / 3})
+
+
+def test_held_out_samples_score_as_their_captions(tmp_path: pathlib.Path) -> None:
+    write_synthetic_shards(tmp_path / "val", 24, 64, seed=1, shard_size=24)
+    samples = held_out(tmp_path / "val", 64, 20)
+    assert len(samples) == 20 and all(parse_caption(s["caption"]) == s["labels"] for s in samples)
+    images = torch.stack([s["image"] for s in samples])
+    assert images.shape == (20, 3, 64, 64) and 0 <= images.min() and images.max() <= 1
+    assert caption_accuracy(images, samples) == {"caption_color_accuracy": 1.0, "caption_shape_accuracy": 1.0,
+                                                  "caption_position_accuracy": 1.0, "caption_all_accuracy": 1.0}
+    # the captions name what is drawn: another sample's caption is mostly wrong
+    wrong = caption_accuracy(images.roll(1, 0), samples)
+    assert wrong["caption_all_accuracy"] < 0.2
+    captioned_grid(images[:10], [s["caption"] for s in samples[:10]], tmp_path / "grid.png", columns=4)
+    assert Image.open(tmp_path / "grid.png").size == (4 * 128, 3 * (128 + 28))  # 64 px upscaled so captions fit

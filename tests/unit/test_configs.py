@@ -13,9 +13,9 @@ from hydra.utils import instantiate
 from wuerstchen.data import LaionFilter
 from wuerstchen.data.datamodule import WebDataModule
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
-# image shards; data=cached reads what scripts/cache_latents.py writes (tests/test_cached.py)
+# image shards; data=cached reads what scripts/cache_latents.py writes (tests/integration/test_cached.py)
 DATA_CONFIGS = sorted(p.stem for p in (CONFIGS / "data").glob("*.yaml") if "cached" not in p.stem)
 
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from wuerstchen.data import DEFAULT_RATIOS, AspectBuckets, ImageTransform, compressor_size, latent_size
+from wuerstchen.data import DEFAULT_RATIOS, AspectBuckets, ImageTransform
 from wuerstchen.data.transforms import IMAGENET_MEAN, IMAGENET_STD, CropPlan, to_model_inputs
+from wuerstchen.models.compressor import latent_size, prior_latent_size, view_size
 
 
 @pytest.mark.parametrize("image_size", [256, 512, 768, 1024, 1536, 2048])
@@ -56,7 +57,7 @@ def test_bad_bucket_config_is_rejected(bad: dict) -> None:
 @pytest.mark.parametrize(("side", "effnet", "latent"), [(1024, 768, 24), (1536, 1152, 36), (2048, 1536, 48),
                                                          (512, 384, 12), (256, 192, 6), (128, 96, 3)])
 def test_compressor_rule_square(side: int, effnet: int, latent: int) -> None:
-    assert compressor_size(side) == effnet
+    assert view_size(side) == effnet
     assert latent_size(side) == latent
 
 
@@ -79,8 +80,6 @@ def test_finetune_resolution_buckets_and_latents(resolution: int, wide: tuple, e
 
 
 def test_sampling_latent_size_follows_the_training_rule() -> None:
-    from wuerstchen.pipeline import prior_latent_size
-
     # released weights: ceil(side / 42.67); it equals the 0.75 training rule on every multiple of 128
     assert [prior_latent_size(side) for side in (1024, 1536, 2048)] == [24, 36, 48]
     assert all(prior_latent_size(side) == prior_latent_size(side, 0.75) == latent_size(side)
