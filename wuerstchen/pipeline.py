@@ -16,7 +16,7 @@ from .diffusion import classifier_free_guidance, ddpm_sample, linear_timesteps
 from .diffusion.sampling import guided_scale
 from .models import SemanticCompressor, StageA, StageB, StageC
 from .models.compressor import prior_latent_size
-from .models.text_encoder import TextEncoder, complete_record
+from .models.text_encoder import TextEncoder, recorded_text_encoder
 from .weights import CheckpointFile, open_checkpoint
 
 
@@ -81,11 +81,11 @@ def text_encoder_of(weights: str | os.PathLike | CheckpointFile, config: Mapping
     (``TextEncoder`` arguments; converted released weights record none). ``key`` names the setting in the error."""
     if config is not None:
         return TextEncoder(**dict(config))
-    recorded = open_checkpoint(weights).text_encoder_record()
+    recorded = recorded_text_encoder(weights)
     if recorded is None:
         raise ValueError(f"{getattr(weights, 'path', weights)} records no text encoder: set "
                          f"{key}={{model_name: ..., pretrained: ...}}")
-    return TextEncoder(**complete_record(recorded))
+    return TextEncoder(**recorded)
 
 
 @dataclass

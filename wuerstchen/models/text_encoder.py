@@ -154,10 +154,11 @@ class TextEncoder(nn.Module):
         return self.encode_tokens(tokens)
 
 
-def recorded_text_encoder(path: str | os.PathLike | None, name: str = "text_encoder") -> dict[str, Any] | None:
+def recorded_text_encoder(path: Any, name: str = "text_encoder") -> dict[str, Any] | None:
     """The ``TextEncoder`` config a training checkpoint of ours at ``path`` records under ``name`` (completed as
     :func:`complete_record` does), or None: released weights, exports and diffusers folders record none, and no
-    ``path`` records nothing (a config node whose checkpoint is not set)."""
+    ``path`` records nothing (a config node whose checkpoint is not set). ``path`` may be an open
+    ``wuerstchen.weights.CheckpointFile``."""
     from ..weights import open_checkpoint  # the weights package imports the networks
 
     if not path:

@@ -126,9 +126,7 @@ class StageModule(L.LightningModule):
             L.seed_everything(torch.initial_seed() + self.global_rank, workers=True, verbose=False)
 
     def on_fit_start(self) -> None:
-        self.setup_ema()
-        if self.ema is not None:
-            self.ema.to(self.device)
+        self.setup_ema()  # registered as `ema_network`: it moves with the module
 
     # Validation draws its noise and timesteps from a generator of its own, fixed per rank: every pass scores the
     # same draws (comparable metrics), and training's random stream is the same whether or not a pass ran, which a
@@ -212,7 +210,7 @@ class StageModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """Create the EMA copy (every strategy: :meth:`setup_ema`). Under ``trainer=fsdp`` then fully_shard the
-        trained networks block by block and the EMA copy exactly like its network; frozen networks are replicated
+        trained networks over their ``fsdp_units()`` and the EMA copy exactly like its network; frozen networks are replicated
         unless the strategy's ``shard_frozen``."""
         self.setup_ema()  # a copy of the unsharded network, before the checkpoint (if any) is restored into it
         strategy = self._trainer.strategy if self._trainer is not None else None

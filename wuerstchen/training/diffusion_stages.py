@@ -85,11 +85,12 @@ class DiffusionStageModule(StageModule):
         the training-time dropout when ``train``, through the objective. The training step, validation and
         ``scripts/benchmark.py`` all run this."""
         x0, cond = self.conditioning.encode(batch, self.caption_rng() if train else None)
-        self.observe_latents(x0, batch)
+        if train:
+            self.observe_latents(x0, batch)
         return self.objective(x0, generator=generator, **cond)
 
     def observe_latents(self, x0: torch.Tensor, batch: dict[str, Any]) -> None:
-        """Called with every batch's x0 (Stage C records the latent sizes it trains on)."""
+        """Called with every training batch's x0 (Stage C records the latent sizes it trains on)."""
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         losses = self.losses(batch, train=True)

@@ -35,10 +35,6 @@ class EMA:
         self.decay, self.start_step, self.every = float(decay), int(start_step), int(every)
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
 
-    def to(self, device: torch.device | str) -> "EMA":
-        self.module.to(device)
-        return self
-
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         """Fold ``model``'s current weights in, for optimizer step number ``step`` (0-based)."""
@@ -56,10 +52,3 @@ class EMA:
     def _copy_from(self, model: nn.Module) -> None:
         for target, source in zip(self.module.state_dict().values(), model.state_dict().values()):
             target.copy_(source)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The averaged weights, keyed like the network's own state dict."""
-        return self.module.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        self.module.load_state_dict(state_dict, strict=True)

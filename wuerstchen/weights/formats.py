@@ -356,7 +356,7 @@ def infer_config(stage: str, state: StateDict) -> dict[str, Any]:
                      f"explicitly (e.g. --config '{{\"c\": 32, \"depth\": 2, ...}}')")
 
 
-_RUNTIME_KEYS = frozenset({"dropout"})  # constructor options that are not architecture: never checked against weights
+RUNTIME_KEYS = frozenset({"dropout"})  # constructor options that are not architecture: never checked against weights
 
 
 def _architecture(stage: str, path: str | os.PathLike, state: StateDict, stored: dict[str, Any] | None,
@@ -365,7 +365,7 @@ def _architecture(stage: str, path: str | os.PathLike, state: StateDict, stored:
     the shapes match."""
     if stored is not None and config is not None:
         conflicts = {k: (v, stored[k]) for k, v in config.items()
-                     if k in stored and k not in _RUNTIME_KEYS and stored[k] != v}
+                     if k in stored and k not in RUNTIME_KEYS and stored[k] != v}
         if conflicts:
             raise ValueError(f"model config disagrees with the one stored in {path}: "
                              + ", ".join(f"{k}={a!r} vs stored {b!r}" for k, (a, b) in conflicts.items()))
@@ -425,7 +425,7 @@ def network_for(stage: str, path: str | os.PathLike | Any | None, config: dict[s
             raise ValueError(f"init_from: {exn}") from None
         raise ValueError(f"init_from={path} carries no model config and matches no full-size stage {stage} layout: "
                          f"choose the model config explicitly (model/stage_{stage}@stage.stage_{stage}=NAME)") from None
-    architecture = {k: v for k, v in architecture.items() if k not in _RUNTIME_KEYS}
+    architecture = {k: v for k, v in architecture.items() if k not in RUNTIME_KEYS}
     module = stage_spec(stage).builder(**architecture, **runtime)
     _check_fits(module, state, path, stage, architecture)
     return module

@@ -24,11 +24,9 @@ from typing import Any
 
 from torch import nn
 
-from .formats import load_network, read_weights, shape_mismatches
+from .formats import RUNTIME_KEYS, load_network, read_weights, shape_mismatches
 
 log = logging.getLogger(__name__)
-
-_RUNTIME_KEYS = frozenset({"dropout"})  # options that are not architecture: never checked against the weights
 
 
 def pretrained(stage: str, path: str | os.PathLike | None, key: str, optional: bool = False,
@@ -83,7 +81,7 @@ class InitialWeights:
         state, config = read_weights(self.path, self.stage, prefer_ema=self.prefer_ema)
         ours: dict[str, Any] = getattr(network, "config", {})
         conflicts = {k: (ours[k], v) for k, v in (config or {}).items()
-                     if k in ours and ours[k] != v and k not in _RUNTIME_KEYS}
+                     if k in ours and ours[k] != v and k not in RUNTIME_KEYS}
         if conflicts:
             raise ValueError(f"{self.key}={self.path}: the weights' config disagrees with the model config: "
                              + ", ".join(f"{k}: model {a!r} vs weights {b!r}" for k, (a, b) in conflicts.items()))
