@@ -20,7 +20,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from wuerstchen.train import train
+from wuerstchen.train import check_overrides, train
 
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train")
@@ -32,4 +32,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    try:
+        check_overrides(sys.argv[1:])  # before Hydra parses them: its struct error would not name the new key
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     main()

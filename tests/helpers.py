@@ -133,3 +133,16 @@ def tame_prior_output(module: torch.nn.Module) -> None:
     with torch.no_grad():
         module.out[1].weight.mul_(0.1)
         module.out[1].bias.zero_()
+
+
+def to_legacy(checkpoint: dict) -> dict:
+    """The same checkpoint in the older single-file layout: the EMA under ``ema[<attribute>]``, outside state_dict."""
+    from wuerstchen.weights import checkpoint as schema
+
+    legacy = dict(checkpoint)
+    state = dict(checkpoint[schema.STATE_DICT])
+    prefix = schema.EMA_NETWORK + "."
+    ema = {k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix)}
+    legacy[schema.STATE_DICT] = state
+    legacy[schema.LEGACY_EMA] = {legacy.pop(schema.EMA_OF): ema}
+    return legacy

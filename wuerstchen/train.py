@@ -37,6 +37,21 @@ log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # the repository's configs/, beside the package
 
+# config keys that have moved: an override of the old one stops with the new name rather than Hydra's struct error
+MOVED_KEYS = {
+    "stage.effnet_init": "effnet_init",  # Stage B's compressor weights (stage.init.effnet reads it)
+    "stage.stage_a_ckpt": "stage_a_ckpt",
+    "stage.stage_b_ckpt": "stage_b_ckpt",
+}
+
+
+def check_overrides(overrides: Sequence[str]) -> None:
+    """Stop on a command-line override of a moved key (``MOVED_KEYS``), naming the key that replaced it."""
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in MOVED_KEYS:
+            raise ValueError(f"{key} has moved: write {MOVED_KEYS[key]}={override.split('=', 1)[-1]} instead")
+
 
 @dataclass
 class TrainResult:
@@ -56,6 +71,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictCo
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    check_overrides(overrides)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
     hydra_node = HydraConfig.instance()

@@ -299,7 +299,7 @@ def test_adding_to_a_cache_folder_checks_its_info_and_keeps_shard_names_apart(tm
     out.mkdir()
     info = {"stage": "c", "text_encoder": {"model_name": "tiny", "width": 8}, "image_size": 64, "ratios": [1.0],
             "effnet_scale": 1.5, "dtype": "float16", "crop": "center", "arrays": {LATENT: "", CLIP: ""},
-            "effnet_ckpt": "/runs/b/last.ckpt", "effnet_sha1": "aa"}
+            "encoder_dtype": "float32", "effnet_ckpt": "/runs/b/last.ckpt", "effnet_sha1": "aa"}
     first = prepare_cache_info(out, {"source": "/a/{00000..00001}.tar", **info}, ["/a/00000.tar", "/a/00001.tar"])
     assert first["shards"] == {"00000.tar": "/a/00000.tar", "00001.tar": "/a/00001.tar"}
     (out / INFO).write_text(json.dumps(first))
@@ -310,7 +310,8 @@ def test_adding_to_a_cache_folder_checks_its_info_and_keeps_shard_names_apart(tm
     assert names["/a/00000.tar"] == "00000.tar" and names["/a/00001.tar"] == "00001.tar"
     assert len(set(names.values())) == 4 and names["/b/00000.tar"].startswith("00000-")
     assert added["sources"] == ["/a/{00000..00001}.tar", "/b"]
-    # another compressor, text encoder or view scale: refused, naming the folder and the key
-    for key, value in [("effnet_sha1", "bb"), ("text_encoder", {"model_name": "vit_h"}), ("effnet_scale", 0.75)]:
+    # another compressor, text encoder, view scale or encoder precision: refused, naming the folder and the key
+    for key, value in [("effnet_sha1", "bb"), ("text_encoder", {"model_name": "vit_h"}), ("effnet_scale", 0.75),
+                       ("encoder_dtype", "bfloat16")]:
         with pytest.raises(ValueError, match=f"{out} holds a cache written with other settings \\({key}: "):
             prepare_cache_info(out, {"source": "/b", **dict(info, **{key: value})}, urls)

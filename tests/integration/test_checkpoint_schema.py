@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import common, losses_by_step, output, run
+from helpers import common, losses_by_step, output, run, to_legacy
 from helpers import TINY_B
 from torch import nn
 
@@ -53,17 +53,6 @@ def write_stage_b_checkpoint(path: Path) -> dict:
     schema.write_text_encoders(checkpoint, {"text_encoder": TINY_TEXT})
     torch.save(checkpoint, path)
     return checkpoint
-
-
-def to_legacy(checkpoint: dict) -> dict:
-    """The same checkpoint in the older single-file layout: the EMA under ``ema[<attribute>]``, outside state_dict."""
-    legacy = dict(checkpoint)
-    state = dict(checkpoint[schema.STATE_DICT])
-    prefix = schema.EMA_NETWORK + "."
-    ema = {k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix)}
-    legacy[schema.STATE_DICT] = state
-    legacy[schema.LEGACY_EMA] = {legacy.pop(schema.EMA_OF): ema}
-    return legacy
 
 
 STAGE_C = ["experiment=demo_stage_c", "data.batch_size=4", "data.batches_per_epoch=5", "callbacks.preview=null",

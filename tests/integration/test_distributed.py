@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import JOINT_COMPRESSOR, common, losses_by_step, output, run
+from helpers import JOINT_COMPRESSOR, common, losses_by_step, output, run, to_legacy
 
 from wuerstchen.training.distributed import all_finite
 from wuerstchen.weights import load_network
@@ -215,10 +215,24 @@ def test_fsdp_trains_resumes_bitwise_matches_ddp_and_consolidates(shards: Path, 
 
     # the same data, noise and steps under DDP: the same model up to float reduction order
     run("train.py", *common(shards, ddp, 8, every=4), *stage_c(chain), *DDP)
+    reference = torch.load(ddp / "checkpoints" / "last.ckpt", weights_only=True)
+    # a DDP run's single file, in the older layout (EMA outside state_dict), continues under FSDP
+    torch.save(to_legacy(torch.load(ddp / "checkpoints" / "step=0000004.ckpt", weights_only=True)),
+               tmp_path / "ddp_legacy.ckpt")
+    moved = tmp_path / "moved"
+    run("train.py", *common(shards, moved, 8, every=4), *stage_c(chain), *FSDP,
+        f"ckpt_path={tmp_path / 'ddp_legacy.ckpt'}")
+    assert sorted(losses_by_step(moved)) == [4, 5, 6, 7]
+    for step, loss in losses_by_step(moved).items():
+        assert float(loss) == pytest.approx(float(losses_by_step(ddp)[step]), rel=1e-4), step
+    run("consolidate_checkpoint.py", str(moved / "checkpoints" / "step=0000008.ckpt"), str(tmp_path / "moved.ckpt"))
+    moved_state = torch.load(tmp_path / "moved.ckpt", weights_only=True)["state_dict"]
+    for key, value in reference["state_dict"].items():  # the EMA and the optimizer's moments came along
+        torch.testing.assert_close(moved_state[key], value, rtol=1e-4, atol=1e-6, msg=key)
+
     last = full / "checkpoints" / "step=0000008.ckpt"
     consolidated = tmp_path / "stage_c.ckpt"
     run("consolidate_checkpoint.py", str(last), str(consolidated))
-    reference = torch.load(ddp / "checkpoints" / "last.ckpt", weights_only=True)
     mine = torch.load(consolidated, weights_only=True)
     assert mine["ema_of"] == reference["ema_of"] == "stage_c" and mine["global_step"] == 8
     assert mine["state_dict"].keys() == reference["state_dict"].keys()  # one layout, the EMA copy included
@@ -272,6 +286,17 @@ def _units_cases() -> list[tuple[str, torch.nn.Module, tuple[torch.Tensor, ...]]
     return [("c", stage_c.train(), c_inputs), ("b", stage_b.train(), b_inputs)]
 
 
+def _frozen_stage_a() -> tuple[torch.nn.Module, torch.Tensor]:
+    from wuerstchen.models import StageA
+
+    gen = torch.Generator().manual_seed(1)
+    stage_a = StageA(levels=2, bottleneck_blocks=1, c_hidden=16, c_latent=4, codebook_size=8).eval()
+    with torch.no_grad():
+        for p in stage_a.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return stage_a.requires_grad_(False), torch.rand(4, 3, 16, 16, generator=gen)
+
+
 def _parallelize_rank(rank: int, world: int, port: int, out: str) -> None:
     import copy
 
@@ -300,13 +325,21 @@ def _parallelize_rank(rank: int, world: int, port: int, out: str) -> None:
         results[name] = {"loss": loss.detach(), "units": len(units), "keys": list(model.state_dict()),
                          "grads": {n: p.grad.full_tensor() for n, p in model.named_parameters()},
                          "sharded_after_no_grad": sharded}
+    # a sharded frozen Stage A (shard_frozen): its encode, quantize and decode run as forwards of the root
+    stage_a, images = _frozen_stage_a()
+    parallelize(stage_a, mesh)
+    with torch.no_grad():
+        latents = stage_a.encode(images.chunk(world)[rank])
+        results["a"] = {"latents": latents, "decoded": stage_a.decode(stage_a.quantize(latents).latents),
+                        "sharded_after_no_grad": all(isinstance(p, DTensor) for p in stage_a.parameters())}
     torch.save(results, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
 def test_parallelize_shards_every_unit_and_checkpoints_them_with_the_gradients_of_one_process(tmp_path: Path) -> None:
     """FSDP over two gloo ranks of tiny Stage B and C, activation checkpointing on: the same losses and (averaged)
-    gradients as one process computing both ranks' halves, and the released state-dict keys."""
+    gradients as one process computing both ranks' halves, and the released state-dict keys; a sharded frozen Stage A
+    encodes and decodes as the unsharded one does."""
     _spawn_two_gloo_ranks(_parallelize_rank, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for name, model, inputs in _units_cases():
@@ -320,6 +353,20 @@ def test_parallelize_shards_every_unit_and_checkpoints_them_with_the_gradients_o
             for key, p in model.named_parameters():
                 assert p.grad is not None and p.grad.abs().max() > 0, key
                 torch.testing.assert_close(mine["grads"][key], p.grad, rtol=1e-5, atol=1e-7, msg=key)
+    stage_a, images = _frozen_stage_a()
+    with torch.no_grad():
+        for r, rank in enumerate(ranks):
+            latents = stage_a.encode(images.chunk(2)[r])
+            torch.testing.assert_close(rank["a"]["latents"], latents, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(rank["a"]["decoded"], stage_a.decode(stage_a.quantize(latents).latents),
+                                       rtol=1e-5, atol=1e-6)
+            assert rank["a"]["sharded_after_no_grad"]
+
+
+def test_stage_a_refuses_fsdp_naming_the_strategy_that_trains_it(shards: Path, tmp_path: Path) -> None:
+    result = run("train.py", *common(shards, tmp_path, 2), "experiment=demo_stage_a", *FSDP, "trainer.devices=1",
+                 check=False)
+    assert result.returncode != 0 and "Stage A (18M parameters, on every GPU) trains with trainer=ddp" in output(result)
 
 
 def test_all_finite_spots_any_nan_or_inf_in_one_multi_tensor_pass() -> None:

@@ -141,6 +141,7 @@ def test_the_demo_measures_run_on_the_chain(chain: dict[str, Path], shards: Path
     (["experiment=demo_stage_c", "stage_b_ckpt=/nowhere/last.ckpt"], "/nowhere/last.ckpt"),
     (["experiment=demo_stage_a", "data.image_size=100"], "data.image_size=100"),
     (["experiment=demo_stage_a", "data.no_such_key=1"], "no_such_key"),
+    (["experiment=demo_stage_b", "stage.effnet_init=/x.ckpt"], "write effnet_init=/x.ckpt instead"),  # moved key
     # LPIPS without its VGG16 file would train on random features: stop, naming the key (or stage.perceptual=null)
     (["experiment=stage_a", "trainer=cpu", "logger=csv"], "stage.perceptual.vgg_weights is not set"),
 ])
@@ -156,6 +157,8 @@ def test_a_broken_config_exits_non_zero(shards: Path, tmp_path: Path) -> None:
     result = run("train.py", "experiment=demo_stage_a", "data.image_size=100", f"data.urls={shards / 'train'}",
                  f"run_dir={tmp_path}", check=False)
     assert result.returncode != 0 and "data.image_size=100" in result.stderr + result.stdout
+    result = run("train.py", "experiment=demo_stage_b", "stage.effnet_init=/x.ckpt", check=False)
+    assert result.returncode == 1 and "error: stage.effnet_init has moved: write effnet_init=/x.ckpt" in result.stderr
 
 
 def test_frozen_compressor_stays_as_initialised(chain: dict[str, Path], shards: Path, tmp_path: Path) -> None:

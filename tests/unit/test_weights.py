@@ -17,8 +17,9 @@ from safetensors.torch import save_file
 
 from helpers import TINY_B, TINY_C, randomise, tame_prior_output
 from wuerstchen.models import SemanticCompressor, StageA, StageB, StageC
-from wuerstchen.weights import (checkpoint_info, detect_stage, diffusers_to_released, load_network, network_for,
-                                read_weights, released_to_diffusers, save_diffusers, save_wuerstchen)
+from wuerstchen.weights import (CheckpointFile, checkpoint_info, detect_stage, diffusers_to_released, load_network,
+                                network_for, open_checkpoint, read_weights, released_to_diffusers, save_diffusers,
+                                save_wuerstchen)
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_A = dict(levels=2, bottleneck_blocks=1, c_hidden=16, c_latent=4, codebook_size=8)
@@ -261,7 +262,7 @@ def test_sharded_folder_reads_only_the_network_opened_once_without_a_temporary_c
     read_keys.clear()
     network_for("c", folder)  # only shapes: no shard is read
     assert read_keys == []
-    consolidated = formats.consolidate_checkpoint(folder)
+    consolidated = open_checkpoint(folder).consolidated()
     assert _equal(consolidated["state_dict"], full)  # the network and its EMA copy, as a single-file checkpoint
     assert consolidated["ema_of"] == "stage_c"
     assert consolidated["global_step"] == 1 and "optimizer_states" not in consolidated
@@ -288,15 +289,13 @@ def test_sharded_folder_with_code_in_its_metadata_or_shards_is_refused(sharded, 
 
     import torch.distributed.checkpoint as dcp
 
-    from wuerstchen.weights import formats
-
     folder = tmp_path / "planted.ckpt"
     shutil.copytree(sharded[0], folder)
     payload = pickle.dumps(RunsCode(tmp_path / "ran_plain"))
     pickle.loads(payload)  # the payload does run when unpickled plainly
     assert (tmp_path / "ran_plain").exists()
     (folder / ".metadata").write_bytes(pickle.dumps(RunsCode(tmp_path / "ran")))
-    for load in (lambda: load_network("c", folder), lambda: formats.consolidate_checkpoint(folder)):
+    for load in (lambda: load_network("c", folder), lambda: CheckpointFile(folder).consolidated()):
         with pytest.raises(ValueError, match=r"\.metadata: refusing to load.*(os|posix)\.system"):
             load()
     assert not (tmp_path / "ran").exists()

@@ -373,7 +373,8 @@ def write_cache(conditioning: Any, urls: ShardSpec, out: str | os.PathLike, *, i
     shards = list(dict.fromkeys(expand_shard_spec(source)))  # a shard named twice is cached once
     record = {"source": source, **conditioning.info(), **(provenance or {}), "image_size": int(image_size),
               "ratios": [float(r) for r in ratios], "effnet_scale": float(effnet_scale), "dtype": dtype,
-              "crop": "center", "multiple": int(multiple)}
+              "crop": "center", "multiple": int(multiple),
+              "encoder_dtype": "float32"}  # conditioning.frozen_precision: a folder never mixes encoder precisions
     info = prepare_cache_info(out, record, shards)  # every rank refuses a mismatch
     names = {url: name for name, url in info["shards"].items()}
     if rank == 0:

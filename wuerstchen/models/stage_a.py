@@ -122,6 +122,9 @@ class StageA(nn.Module):
         """The decoder's last weight, on which the adaptive GAN weight compares gradient norms (Esser et al.)."""
         return self.out_block[0].weight
 
+    # entry points other than forward, which the sharded root runs as forwards (training.distributed.parallelize)
+    fsdp_forward_methods = ("encode_unscaled", "quantize", "decode")
+
     def fsdp_units(self) -> list[Unit]:
         """Every ResBlock, encoder then decoder: FSDP shards each and ``grad_checkpointing`` recomputes each (they
         hold the 4c-wide MLP activations). The root keeps the in/out convs, the samplers, the latent's BatchNorm

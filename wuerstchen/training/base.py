@@ -182,6 +182,12 @@ class StageModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.nonfinite.load_state_dict(schema.nonfinite_steps(checkpoint))
         self.setup_ema()  # before the state dict (with `ema_network.*`) loads; configure_model has, under a trainer
+        self.adapt_checkpoint(checkpoint)
+
+    def adapt_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Bring a checkpoint about to be restored into this module to its layout, in place
+        (:func:`~wuerstchen.weights.checkpoint.prepare_resume`); ``FSDPStrategy`` calls it on a single file before
+        its strict load."""
         schema.prepare_resume(checkpoint, self._ema_of)
 
     @property
@@ -214,7 +220,7 @@ class StageModule(L.LightningModule):
         unless the strategy's ``shard_frozen``."""
         self.setup_ema()  # a copy of the unsharded network, before the checkpoint (if any) is restored into it
         strategy = self._trainer.strategy if self._trainer is not None else None
-        if not isinstance(strategy, FSDPStrategy) or getattr(self, "_sharded", False):
+        if not isinstance(strategy, FSDPStrategy) or self.sharded:
             return
         self._sharded = True
         for name in self.trained:

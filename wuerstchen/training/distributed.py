@@ -4,8 +4,10 @@ calls it."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -193,7 +195,7 @@ def parallelize(network: nn.Module, mesh: DeviceMesh | None = None, mp_policy: M
     checkpointing of every unit, then ``torch.compile`` of every unit's modules, then ``fully_shard`` of every unit
     (a unit of several modules shares one all-gather) and last of the root, which holds what no unit does.
 
-    ``mesh=None`` skips the sharding (checkpointing and compile alone, on one device or under DDP). The units free
+    ``mesh=None`` skips the sharding: activation checkpointing and compile only, for one device or DDP. The units free
     their gathered parameters after their forward as ``reshard_after_forward`` says; the root's are needed again right
     at the start of the backward, so it keeps them. A forward without gradients (validation, previews, an EMA copy, a
     frozen encoder) has no backward to reshard in, so everything is resharded right after it: until then the module's
@@ -222,7 +224,27 @@ def parallelize(network: nn.Module, mesh: DeviceMesh | None = None, mp_policy: M
                         reshard_after_forward=reshard_after_forward, **policy)
         fully_shard(network, mesh=mesh, reshard_after_forward=False, **policy)
         network.register_forward_hook(_reshard_without_backward)
+        for name in getattr(network, "fsdp_forward_methods", ()):
+            _as_forward(network, name)
     return units
+
+
+def _as_forward(network: nn.Module, name: str) -> None:
+    """Run ``network.<name>`` (an entry point besides ``forward``: Stage A's ``encode_unscaled``, ``decode``) as the
+    sharded root's forward: the root's own parameters gathered before it (FSDP2's ``register_fsdp_forward_method``),
+    and everything resharded after it without gradients, as after ``forward``."""
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    register_fsdp_forward_method(network, name)
+    method = getattr(network, name)
+
+    @functools.wraps(method)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        output = method(*args, **kwargs)
+        _reshard_without_backward(network, args, output)
+        return output
+
+    setattr(network, name, run)
 
 
 def _reshard_without_backward(network: nn.Module, args: Any, output: Any) -> None:
@@ -295,3 +317,25 @@ class FSDPStrategy(ModelParallelStrategy):
                  ", activation checkpointing" if getattr(network, "grad_checkpointing", False) else "",
                  ", compiled units" if trained and self.compile_blocks else "")
         return network
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's loader, except that a single-file checkpoint (a DDP or single-device run's, or one written with
+        ``save_distributed_checkpoint=false``) is first brought to this module's layout by its ``adapt_checkpoint``
+        (an older file's EMA entry, an EMA saved or kept on one side only). The other strategies do that in
+        ``on_load_checkpoint``; this one restores the module from the file, strictly, before that hook runs."""
+        from lightning.fabric.strategies.model_parallel import _load_raw_module_state, _rekey_optimizer_state_if_needed
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        path = Path(self.broadcast(str(checkpoint_path)))
+        module = self.lightning_module
+        if not path.is_file() or not hasattr(module, "adapt_checkpoint"):
+            return super().load_checkpoint(path, weights_only=weights_only)
+        checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
+        module.adapt_checkpoint(checkpoint)
+        strict = module.strict_loading
+        _load_raw_module_state(checkpoint.pop("state_dict"), self.model, world_size=self.world_size, strict=strict)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=strict)
+        for optimizer, state in zip(self.optimizers, checkpoint.get("optimizer_states", [])):
+            set_optimizer_state_dict(self.model, optimizer, options=options,
+                                     optim_state_dict=_rekey_optimizer_state_if_needed(state, self.model))
+        return checkpoint

@@ -106,6 +106,16 @@ class StageAModule(StageModule):
         self.perceptual_weight, self.vq_weight = perceptual_weight, vq_weight
         self.disc_weight, self.disc_start = disc_weight, disc_start
 
+    def configure_model(self) -> None:
+        from .distributed import FSDPStrategy
+
+        if self._trainer is not None and isinstance(self._trainer.strategy, FSDPStrategy):
+            # the step works on whole tensors: codebook restarts write encoder outputs into codes, the adaptive GAN
+            # weight compares gradient norms of one layer
+            raise ValueError("trainer=fsdp shards Stage B and C; Stage A (18M parameters, on every GPU) trains "
+                             "with trainer=ddp")
+        super().configure_model()
+
     def configure_optimizers(self) -> tuple[list, list]:
         generator = build_optimizer(self.stage_a.parameters(), self.optimizer_factory, self.scheduler_factory)
         disc = self.disc_optimizer_factory(self.discriminator.parameters())

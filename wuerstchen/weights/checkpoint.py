@@ -313,10 +313,6 @@ class CheckpointFile:
             state, config = formats.read_safetensors(self.path)
         return formats.in_our_layout(state, stage, self.path), config
 
-    def state(self, stage: str, prefer_ema: bool = True) -> StateDict:
-        """``stage``'s tensors in our layout (EMA preferred); see :meth:`weights`."""
-        return self.weights(stage, prefer_ema)[0]
-
     def network(self, stage: str, config: dict[str, Any] | None = None, prefer_ema: bool = True) -> nn.Module:
         """``stage``'s network built with the recorded config (a ``config`` given as well must agree with it; without
         one, ``config``, else the full-size layout the shapes match) and its weights loaded strictly."""

@@ -307,12 +307,6 @@ def clear_cache() -> None:
     clear()
 
 
-def consolidate_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A sharded (FSDP) training checkpoint folder as one single-file checkpoint dict, in memory, on one process
-    (:meth:`~wuerstchen.weights.checkpoint.CheckpointFile.consolidated`)."""
-    return _opened(path).consolidated()
-
-
 def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
     """The plain (non-tensor) top-level entries of one of our training checkpoints, a file or a sharded folder:
     ``text_encoders``, ``effnet_scale``, ``wandb_run_id``, ``global_step``, ... ({} for any other weight format and
