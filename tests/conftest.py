@@ -10,10 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import JOINT_COMPRESSOR, SIZE, common, train_here
+from helpers import JOINT_COMPRESSOR, SIZE, common, train_here, write_shapes
 from PIL import Image
 
-from wuerstchen.data.synthetic import write_synthetic_shards
 
 # No test may reach a model hub; without this an accidental hub call hangs for ~45 s before failing.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -71,10 +70,7 @@ def good_shards(tmp_path: Path) -> list[Path]:
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory) -> Path:
     """The synthetic shapes at the test size: 400 training and 32 validation samples."""
-    root = tmp_path_factory.mktemp("shapes")
-    write_synthetic_shards(root / "train", 400, SIZE, seed=0, shard_size=200)
-    write_synthetic_shards(root / "val", 32, SIZE, seed=1, shard_size=32)
-    return root
+    return write_shapes(tmp_path_factory.mktemp("shapes"), SIZE, train=400, val=32, shard_size=200)
 
 
 @pytest.fixture(scope="session")

@@ -146,3 +146,12 @@ def to_legacy(checkpoint: dict) -> dict:
     legacy[schema.STATE_DICT] = state
     legacy[schema.LEGACY_EMA] = {legacy.pop(schema.EMA_OF): ema}
     return legacy
+
+
+def write_shapes(root: Path, size: int, train: int, val: int, shard_size: int) -> Path:
+    """The synthetic shapes at ``size``: ``train`` training samples (seed 0) and ``val`` held-out ones (seed 1)."""
+    from wuerstchen.data.synthetic import write_synthetic_shards
+
+    write_synthetic_shards(root / "train", train, size, seed=0, shard_size=shard_size)
+    write_synthetic_shards(root / "val", val, size, seed=1, shard_size=val)
+    return root

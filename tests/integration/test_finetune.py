@@ -11,8 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import SIZE, common, run, stage_c_inputs, train_here
-from wuerstchen.data.synthetic import write_synthetic_shards
+from helpers import SIZE, common, run, stage_c_inputs, train_here, write_shapes
 from wuerstchen.diffusion import diffusion_loss
 from wuerstchen.models import StageC
 from wuerstchen.models.text_encoder import TextEncoder, text_encoder_for
@@ -25,10 +24,7 @@ NEW = 2 * SIZE  # the fine-tuning output side: 128 px -> 192 px compressor view 
 @pytest.fixture(scope="module")
 def shards_new(tmp_path_factory) -> Path:
     """The synthetic shapes rendered at the new size (same content as the training shards, twice the pixels)."""
-    root = tmp_path_factory.mktemp("shapes_new")
-    write_synthetic_shards(root / "train", 200, NEW, seed=0, shard_size=100)
-    write_synthetic_shards(root / "val", 16, NEW, seed=1, shard_size=16)
-    return root
+    return write_shapes(tmp_path_factory.mktemp("shapes_new"), NEW, train=200, val=16, shard_size=100)
 
 
 def finetune(shards: Path, run_dir: Path, init_from: Path, stage_b: Path, *extra: str, steps: int = 30) -> str:

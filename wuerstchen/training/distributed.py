@@ -330,7 +330,7 @@ class FSDPStrategy(ModelParallelStrategy):
         module = self.lightning_module
         if not path.is_file() or not hasattr(module, "adapt_checkpoint"):
             return super().load_checkpoint(path, weights_only=weights_only)
-        checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
+        checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only is not False)
         module.adapt_checkpoint(checkpoint)
         strict = module.strict_loading
         _load_raw_module_state(checkpoint.pop("state_dict"), self.model, world_size=self.world_size, strict=strict)
