@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DATA_DIR ?= data/synthetic
 PYTEST_ARGS ?=
 
-.PHONY: setup demo data test test-unit test-all slurm-deps bench-data clean
+.PHONY: setup demo data test test-unit test-all slurm-deps bench-data gpu-report gpu-wheels clean
 
 setup: $(VENV)/.installed
 
@@ -52,6 +52,28 @@ slurm-deps:
 
 bench-data: setup
 	$(PY) scripts/bench_data.py
+
+# The GPU report (scripts/gpu_report.py): every speed, memory and input-side case on one GPU in about 8 minutes,
+# written to runs/gpu_report/report.md and .json. GPU_REPORT_ARGS=--smoke runs each case at tiny size on the CPU.
+# On a GPU machine without package access whose python3 has torch, lightning and timm (a lent benchmark box): run
+# `make gpu-wheels` where PyPI is reachable, bring .whl/ along, and there `make gpu-report GPU_WHEELS=.whl`.
+GPU_REPORT_ARGS ?=
+GPU_WHEELS ?=
+GPU_REPORT_PY ?= $(if $(GPU_WHEELS),python3,$(PY))
+GPU_SITE := /tmp/wuerstchen-site
+gpu-report: $(if $(GPU_WHEELS),,setup)
+	$(if $(GPU_WHEELS),$(GPU_REPORT_PY) -m pip install -q --no-index --no-deps --no-compile --upgrade \
+	  --target $(GPU_SITE) $(GPU_WHEELS)/*.whl &&) \
+	PYTHONPATH=$(if $(GPU_WHEELS),$(GPU_SITE):)$(CURDIR) HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 \
+	  $(GPU_REPORT_PY) scripts/gpu_report.py $(GPU_REPORT_ARGS)
+
+# The project's pure-Python dependencies a torch-only GPU image lacks, as wheels in .whl/ (for GPU_WHEELS above).
+GPU_WHEEL_SPECS ?= hydra-core==1.3.8 omegaconf==2.3.1 webdataset==1.0.2 braceexpand==0.1.7 ftfy==6.3.1 \
+	wcwidth==0.9.4 open_clip_torch==3.3.0
+gpu-wheels: setup
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEEL_SPECS)
+	$(PY) -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3   # omegaconf's parser: an sdist only
 
 clean:
 	rm -rf runs $(DATA_DIR) .pytest_cache

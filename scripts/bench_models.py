@@ -2,16 +2,21 @@
 
     python scripts/bench_models.py [--stage {b,c,both}] [--preset {tiny,small,full}] [--batch N] [--latent N]
                                    [--latent-b N] [--repeats 7] [--warmup 2] [--device cpu|cuda]
-                                   [--dtype fp32|bf16] [--compile] [--json out.json]
+                                   [--dtype fp32|bf16] [--dropout X] [--compile] [--json out.json]
 
 One timed step is zero_grad + forward + MSE loss + backward + AdamW step, models in train mode (dropout as
-configured). ``StageC`` runs against ``WuerstchenPrior`` and ``StageB`` against ``WuerstchenDiffNeXt``, which load our
-weights through :func:`wuerstchen.weights.released_to_diffusers`. diffusers is timed twice: as constructed (what its users
-get: ``WuerstchenPrior`` sets the classic ``AttnProcessor``, ``WuerstchenDiffNeXt`` keeps ``Attention``'s default
+configured; ``--dropout`` overrides the preset's for both networks, and the footer and ``--json`` record it).
+``StageC`` runs against ``WuerstchenPrior`` and ``StageB`` against ``WuerstchenDiffNeXt``, which load our weights
+through :func:`wuerstchen.weights.released_to_diffusers`. diffusers is timed twice: as constructed (what its users get:
+``WuerstchenPrior`` sets the classic ``AttnProcessor``, ``WuerstchenDiffNeXt`` keeps ``Attention``'s default
 ``AttnProcessor2_0``) and switched to ``AttnProcessor2_0`` (SDPA, as ours). Each repeat runs every
 variant once, in alternating order; the table shows the median over ``--repeats`` after ``--warmup`` steps each.
 ``--latent`` is Stage C's latent side (also the effnet side Stage B sees), ``--latent-b`` Stage B's Stage A latent
 side. ``full`` is the paper's configs, meant for a GPU; ``small`` takes seconds per step on a CPU.
+
+``--dropout 0`` makes both sides the same computation. At dropout > 0 they differ: ours drops attention
+probabilities (the official ``nn.MultiheadAttention``), diffusers' ``Attention`` drops the attention output, so the
+default 0.1 also measures what the faithful attention dropout costs.
 """
 
 from __future__ import annotations
@@ -145,7 +150,9 @@ def train_step(who: Contender, inputs: tuple[torch.Tensor, ...], target: torch.T
 def bench_stage(stage: str, args: argparse.Namespace) -> dict[str, Any]:
     """Times every variant of one stage; returns the table row with all samples."""
     preset = PRESETS[args.preset]
-    config, device = preset[stage], torch.device(args.device)
+    config, device = dict(preset[stage]), torch.device(args.device)
+    if args.dropout is not None:
+        config["dropout"] = args.dropout
     batch, latent = args.batch or preset["batch"], args.latent or preset["latent"]
     latent_b = args.latent_b or preset["latent_b"]
     if stage == "b" and latent_b % (config["patch_size"] * 2 ** (len(config["c_hidden"]) - 1)):
@@ -164,7 +171,7 @@ def bench_stage(stage: str, args: argparse.Namespace) -> dict[str, Any]:
     medians = {name: statistics.median(samples) for name, samples in times.items()}
     size = f"{latent}x{latent}" if stage == "c" else f"{latent_b}x{latent_b} (effnet {latent}x{latent})"
     return {"stage": stage.upper(), "config": describe(stage, config), "batch": batch, "latent": size,
-            "diffusers_default": type(runners[1].processor).__name__,
+            "dropout": config["dropout"], "diffusers_default": type(runners[1].processor).__name__,
             "params_M": round(sum(p.numel() for p in ours.parameters()) / 1e6, 2),
             **{f"{name}_ms": round(value, 1) for name, value in medians.items()},
             "ratio": round(medians["ours"] / medians["diffusers"], 3),
@@ -210,6 +217,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = bf16 autocast")
+    parser.add_argument("--dropout", type=float, help="dropout of both networks (0: the same computation on both "
+                        "sides); default: the preset's (0.1)")
     parser.add_argument("--compile", action="store_true", help="torch.compile ours and diffusers")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the rows and the machine here")
@@ -222,8 +231,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rows = [bench_stage(stage, args) for stage in (["c", "b"] if args.stage == "both" else [args.stage])]
     info = machine()
     print(format_table(rows))
-    print(f"\n{args.device} {args.dtype}{' compiled' if args.compile else ''}; median of {args.repeats} after "
-          f"{args.warmup} warm-up; " + ", ".join(f"{k} {v}" for k, v in info.items()))
+    dropouts = ", ".join(f"{row['stage']} {row['dropout']}" for row in rows)
+    source = "--dropout" if args.dropout is not None else "the preset's"
+    print(f"\n{args.device} {args.dtype}{' compiled' if args.compile else ''}; dropout {dropouts} ({source}); "
+          f"median of {args.repeats} after {args.warmup} warm-up; " + ", ".join(f"{k} {v}" for k, v in info.items()))
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "machine": info,
                                          "rows": rows}, indent=2) + "\n")

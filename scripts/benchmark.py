@@ -7,8 +7,9 @@ sizes; optionally the device-hours a schedule of N samples takes.
                                 [--device cpu|cuda] [--dtype fp32|bf16] [--peak-tflops X] [--project SAMPLES]
                                 [--steps 10] [--warmup 3] [--json out.json]
 
-A step is the stage module's own computation (``DiffusionStageModule.losses``: the stage's conditioning, online or
-cached, with its training-time dropout, then the eps objective), backward and an AdamW step.
+A step is the training step of ``wuerstchen.benchmarking`` (the stage module's ``losses``: its conditioning, online
+or cached, with its training-time dropout, then the eps objective; backward; the step's gradient-norm agreement and
+clipping; a fused AdamW step).
 
 Stage C (``--latent``: sides of its 16-channel latent): online, the compressor's forward on the images' 0.75x views
 (32 x latent px) and the text encoder's forward on 77-token captions (fp32, outside autocast, as training runs the
@@ -36,147 +37,21 @@ import contextlib
 import json
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import hydra  # noqa: E402
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
-from wuerstchen.models import SemanticCompressor, StageC  # noqa: E402
-from wuerstchen.models.compressor import view_size  # noqa: E402
-from wuerstchen.models.text_encoder import TextEncoder  # noqa: E402
-from wuerstchen.training import StageBModule, StageCModule  # noqa: E402
+from wuerstchen.benchmarking import (  # noqa: E402
+    PRESETS, DecoderStep, PriorStep, peak_memory, peak_memory_gb, time_steps)
 from wuerstchen.training.callbacks import flop_counter, peak_tflops  # noqa: E402
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {"batch": 16, "stage_c": {"c": 128, "c_cond": 32, "depth": 4, "nhead": 4, "dropout": 0.0},
-             "text": "wuerstchen-tiny-text", "effnet": {"backbone": "timm", "timm_name": "test_efficientnet"},
-             "stage_b": ("tiny", {}), "stage_a": "tiny", "batch_b": 16},
-    "small": {"batch": 8, "stage_c": {"c": 384, "c_cond": 32, "depth": 8, "nhead": 6, "dropout": 0.1},
-              "text": "wuerstchen-tiny-text", "effnet": {"backbone": "timm", "timm_name": "test_efficientnet"},
-              "stage_b": ("tiny", {"c_hidden": [64, 128, 256], "nhead": [-1, 4, 8], "blocks": [1, 2, 4],
-                                   "dropout": 0.1}), "stage_a": "tiny", "batch_b": 8},
-    "full": {"batch": 32, "stage_c": {"c": 1280, "c_cond": 1024, "depth": 16, "nhead": 16, "dropout": 0.1},
-             "text": "ViT-H-14", "effnet": {"backbone": "torchvision"},
-             "stage_b": ("full", {}), "stage_a": "full", "batch_b": 8},
-}
-CAPTION = "a photo of a red fox sitting in the snow next to a wooden cabin, golden hour, 35 mm"
-MODEL_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 A100_BF16_TFLOPS = 312.0
 
 
-def from_config(group: str, name: str, **overrides: Any) -> torch.nn.Module:
-    """A network as ``configs/model/<group>/<name>.yaml`` builds it (random weights), with overrides."""
-    config = OmegaConf.merge(OmegaConf.load(MODEL_CONFIGS / group / f"{name}.yaml"), overrides)
-    return hydra.utils.instantiate(config)
-
-
-def captions(batch: int) -> list[str]:
-    return [CAPTION] * batch
-
-
-class Bench:
-    """Stage C: the stage's own module (``StageCModule``: its conditioning and objective, ``losses``) over the networks
-    of one preset, and a step of it for a given latent size and data mode."""
-
-    data_modes = ("online", "cached")
-
-    def __init__(self, preset: dict[str, Any], device: torch.device, dtype: torch.dtype) -> None:
-        self.device, self.dtype = device, dtype
-        text = TextEncoder(model_name=preset["text"])
-        self.module = StageCModule(
-            stage_c=StageC(c_in=16, **preset["stage_c"]), text_encoder=text,
-            effnet=SemanticCompressor(**preset["effnet"]), optimizer=torch.optim.AdamW).to(device)
-        self.module.frozen.to(device)
-        self.setup()
-
-    def setup(self) -> None:
-        self.module.train()
-        self.trained = self.module.network
-        self.optimizer = torch.optim.AdamW(list(self.module.trainable_parameters()), lr=1e-4)
-
-    def compile(self) -> None:
-        name = self.module.trained[0]
-        setattr(self.module, name, torch.compile(self.trained))
-
-    def autocast(self) -> torch.autocast:
-        """bf16 autocast when asked for (FLOP counting on the meta device runs without: the count is the same)."""
-        meta = self.device.type == "meta"
-        return torch.autocast("cpu" if meta else self.device.type, self.dtype,
-                              enabled=self.dtype != torch.float32 and not meta)
-
-    def size(self, side: int) -> str:
-        return f"{side}x{side}"
-
-    def cached_text(self, batch: int) -> dict[str, torch.Tensor]:
-        """What a cache holds of the captions: their token states and those of "" (caption dropout)."""
-        text = self.module.conditioning
-        return {"clip": text.text_states({"captions": captions(batch)}, rng=None), "empty_clip": text.empty_caption()}
-
-    def inputs(self, batch: int, latent: int, data: str) -> dict[str, Any]:
-        out: dict[str, Any] = {"captions": captions(batch)}
-        if data == "online":  # uint8-range images already normalised: the loader's part is not timed here
-            side = 32 * latent
-            out["effnet_images"] = torch.randn(batch, 3, side, side, device=self.device)
-            return out
-        return {**out, **self.cached_text(batch), "latents": torch.randn(batch, 16, latent, latent, device=self.device)}
-
-    def step(self, batch: dict[str, Any]) -> None:
-        """The training step's computation: the module's losses (conditioning with dropout, objective), backward,
-        AdamW."""
-        with self.autocast():
-            loss = self.module.losses(batch, train=True)["loss"]
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-
-
-class DecoderBench(Bench):
-    """Stage B: ``StageBModule`` over decoder, frozen Stage A and text encoder, and the compressor, trained jointly as
-    the recipe does (the one optimizer over both); a cached frozen compressor's latents leave its gradients empty
-    and AdamW skips it."""
-
-    data_modes = ("online", "cached", "cached_frozen")
-
-    def __init__(self, preset: dict[str, Any], device: torch.device, dtype: torch.dtype) -> None:
-        self.device, self.dtype = device, dtype
-        name, overrides = preset["stage_b"]
-        self.module = StageBModule(
-            stage_b=from_config("stage_b", name, **overrides), effnet=SemanticCompressor(**preset["effnet"]),
-            text_encoder=TextEncoder(model_name=preset["text"]), stage_a=from_config("stage_a", preset["stage_a"]),
-            optimizer=torch.optim.AdamW).to(device)
-        self.module.frozen.to(device)
-        self.setup()
-
-    def size(self, side: int) -> str:
-        return f"{side}px"
-
-    def inputs(self, batch: int, side: int, data: str) -> dict[str, Any]:
-        view = view_size(side)
-        out: dict[str, Any] = {"captions": captions(batch)}
-        if data == "online":
-            out["images"] = torch.rand(batch, 3, side, side, device=self.device)
-        else:
-            out.update(self.cached_text(batch),
-                       stage_a_latents=torch.randn(batch, 4, side // 4, side // 4, device=self.device))
-        if data == "cached_frozen":
-            out["latents"] = torch.randn(batch, 16, view // 32, view // 32, device=self.device)
-        else:
-            out["effnet_images"] = torch.randn(batch, 3, view, view, device=self.device)
-        return out
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(bench: Bench, batch_size: int, size: int, data: str, steps: int, warmup: int) -> dict[str, Any]:
+def measure(bench: PriorStep, batch_size: int, size: int, data: str, steps: int, warmup: int) -> dict[str, Any]:
     batch = bench.inputs(batch_size, size, data)
     with flop_counter() as counter:
         bench.step(batch)  # eager (counting sees through compile poorly; the count is the same arithmetic)
@@ -185,19 +60,9 @@ def measure(bench: Bench, batch_size: int, size: int, data: str, steps: int, war
            "gflops_per_sample": round(flops / 1e9, 3), "peak_mem_GB": None, "achieved_tflops": None}
     if bench.device.type == "meta":  # FLOPs only
         return row
-    if bench.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(bench.device)
-    for _ in range(warmup):
-        bench.step(batch)
-    times = []
-    for _ in range(steps):
-        synchronize(bench.device)
-        start = time.perf_counter()
-        bench.step(batch)
-        synchronize(bench.device)
-        times.append(time.perf_counter() - start)
-    step = statistics.median(times)
-    peak = torch.cuda.max_memory_allocated(bench.device) / 2**30 if bench.device.type == "cuda" else None
+    with peak_memory(bench.device):
+        step = time_steps(bench, batch, steps, warmup)
+    peak = peak_memory_gb(bench.device)
     row.update(step_ms=round(1e3 * step, 2), samples_per_s=round(batch_size / step, 2),
                peak_mem_GB=None if peak is None else round(peak, 2), achieved_tflops=flops * batch_size / step / 1e12)
     return row
@@ -219,7 +84,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--latent", type=int, nargs="+", default=[3, 6, 12], help="Stage C latent sides")
     parser.add_argument("--image", type=int, nargs="+", default=[64, 128, 256], help="Stage B image sides")
-    parser.add_argument("--data", nargs="+", default=None, choices=list(DecoderBench.data_modes),
+    parser.add_argument("--data", nargs="+", default=None, choices=list(DecoderStep.data_modes),
                         help="default: all the stage has (cached_frozen is Stage B's)")
     parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd trained network")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -232,14 +97,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    kind = DecoderBench if args.stage == "b" else Bench
+    kind = DecoderStep if args.stage == "b" else PriorStep
     if set(args.data or ()) - set(kind.data_modes):
         parser.error(f"--data {sorted(set(args.data) - set(kind.data_modes))}: Stage {args.stage.upper()} has "
                      f"{list(kind.data_modes)}")
     return args
 
 
-def measure_all(args: argparse.Namespace, bench: Bench, peak: float | None) -> list[dict[str, Any]]:
+def measure_all(args: argparse.Namespace, bench: PriorStep, peak: float | None) -> list[dict[str, Any]]:
     """One row per (compile, size, data mode), each with its MFU, projection and rate relative to online."""
     sizes = args.image if args.stage == "b" else args.latent
     batch_size = args.batch or PRESETS[args.preset]["batch_b" if args.stage == "b" else "batch"]
@@ -264,7 +129,7 @@ def measure_all(args: argparse.Namespace, bench: Bench, peak: float | None) -> l
     return rows
 
 
-def print_table(args: argparse.Namespace, bench: Bench, rows: list[dict[str, Any]], peak: float | None) -> None:
+def print_table(args: argparse.Namespace, bench: PriorStep, rows: list[dict[str, Any]], peak: float | None) -> None:
     device = bench.device
     params = sum(p.numel() for p in bench.trained.parameters())
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or device.type
@@ -288,9 +153,9 @@ def main() -> None:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     peak = args.peak_tflops or peak_tflops(device)
-    kind = DecoderBench if args.stage == "b" else Bench
+    kind = DecoderStep if args.stage == "b" else PriorStep
     with device if device.type == "meta" else contextlib.nullcontext():
-        bench = kind(PRESETS[args.preset], device, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+        bench = kind.preset(args.preset, device, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     rows = measure_all(args, bench, peak)
     print_table(args, bench, rows, peak)
     if args.json:

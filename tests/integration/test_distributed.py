@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import JOINT_COMPRESSOR, common, losses_by_step, output, run, to_legacy
 
-from wuerstchen.training.distributed import all_finite
+from wuerstchen.training.distributed import all_finite, clip_by_norm, step_health
 from wuerstchen.weights import load_network
 
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
@@ -376,3 +376,59 @@ def test_all_finite_spots_any_nan_or_inf_in_one_multi_tensor_pass() -> None:
         broken = [g.clone() if g is not None else None for g in grads]
         broken[2][1] = bad
         assert not all_finite(broken, torch.device("cpu")), bad
+
+
+def _step_health_rank(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    whole = [torch.arange(12.0).view(4, 3) - 5, torch.linspace(-2, 3, 6)]
+    sharded = [distribute_tensor(g.clone(), mesh, [Shard(0)]) for g in whole]  # each rank holds half the rows
+    cpu = torch.device("cpu")
+    results = {"sharded": step_health(sharded, cpu, flags=[rank == 1, False]),
+               "replicated": step_health([g.clone() for g in whole], cpu, flags=[False]),
+               "nan_on_rank_1": step_health([torch.full((2,), float("nan") if rank else 1.0)], cpu)}
+    clip_by_norm(sharded, 1.0, results["sharded"].norm)
+    torch.save({"health": {k: (v.norm, v.finite, v.flags) for k, v in results.items()},
+                "clipped": [g.full_tensor() for g in sharded]}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_step_health_agrees_on_norm_finiteness_and_flags_over_two_gloo_ranks(tmp_path: Path) -> None:
+    """One all-reduce carries the sharded gradients' squared norm, the non-finite count and the flags: every rank
+    gets the global norm of the whole gradients, a NaN on one rank stops both, a flag set on one rank is set on both;
+    clipping with that norm equals clip_grad_norm_ on the whole gradients."""
+    _spawn_two_gloo_ranks(_step_health_rank, str(tmp_path))
+    whole = [torch.arange(12.0).view(4, 3) - 5, torch.linspace(-2, 3, 6)]
+    expected = torch.linalg.vector_norm(torch.cat([g.flatten() for g in whole]))
+    reference = [g.clone() for g in whole]
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in reference]
+    for p, g in zip(params, reference):
+        p.grad = g.clone()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    for rank in (0, 1):
+        saved = torch.load(tmp_path / f"{rank}.pt")
+        health = saved["health"]
+        for key in ("sharded", "replicated"):
+            torch.testing.assert_close(health[key][0], expected)
+            assert health[key][1]
+        assert health["sharded"][2] == [True, False] and health["replicated"][2] == [False]
+        assert health["nan_on_rank_1"][1] is False  # rank 0's own gradient is finite: it stops with rank 1
+        for clipped, p in zip(saved["clipped"], params):
+            torch.testing.assert_close(clipped, p.grad)
+
+
+def test_clip_by_norm_is_clip_grad_norm_bit_for_bit() -> None:
+    """The training step clips with the norm it agreed on; the result is clip_grad_norm_'s to the last bit."""
+    torch.manual_seed(0)
+    grads = [torch.randn(7, 5) * 3, torch.randn(11), torch.randn(2, 3, 4)]
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    torch.nn.utils.clip_grad_norm_(params, 0.5)
+    health = step_health(grads, torch.device("cpu"))
+    clip_by_norm(grads, 0.5, health.norm)
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, params))

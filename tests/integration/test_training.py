@@ -173,3 +173,28 @@ def test_frozen_compressor_stays_as_initialised(chain: dict[str, Path], shards: 
     stage_b, _ = load_network("b", run_dir / "checkpoints" / "last.ckpt")
     assert stage_b.config["c_hidden"] == [32, 64, 128]  # the decoder did train alongside
     assert len(losses(run_dir)) == 3
+
+
+def test_channels_last_trains_the_same_function_in_nhwc_order() -> None:
+    """stage.channels_last: every registered network's 4-D weights in NHWC order, the losses those of the contiguous
+    module (the same arithmetic in another memory order); FSDP is refused by name."""
+    import copy
+
+    from wuerstchen.benchmarking import DecoderStep
+    from wuerstchen.training.distributed import FSDPStrategy
+
+    torch.manual_seed(0)
+    bench = DecoderStep.preset("tiny", torch.device("cpu"), torch.float32)
+    plain = bench.module.eval()
+    nhwc = copy.deepcopy(plain)
+    nhwc.channels_last = True
+    nhwc.configure_model()
+    convs = [p for name in ("stage_b", "effnet", "stage_a") for p in getattr(nhwc, name).parameters() if p.ndim == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in convs
+                         if p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1)
+    batch = bench.inputs(2, 64, "online")
+    losses = [module.losses(batch, train=False, generator=torch.Generator().manual_seed(1))["loss"]
+              for module in (plain, nhwc)]
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="stage.channels_last=true is for one device or trainer=ddp"):
+        nhwc.to_channels_last(FSDPStrategy.__new__(FSDPStrategy))

@@ -53,6 +53,71 @@ def test_stage_b_matches_diffusers_both_ways(batch: int, height: int, width: int
         assert (ours(x, r, effnet, clip) - theirs(x, r, effnet, clip)).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("side", [5, 16])  # 3 x 5 x 5 x 64 keeps autograd's backward, 3 x 16 x 16 x 64 the written one
+def test_grn_forward_is_diffusers_to_the_bit_and_its_backward_autograd_s_finite_at_all_zero_channels(
+        dtype: torch.dtype, side: int) -> None:
+    """Our GRN writes its backward out on large maps; the forward must stay the reference's ops (the parity tests
+    above allow a few ulp of Stage B's output) and the gradient finite where a channel is all zero (exact zeros
+    after GELU), where a square root of summed squares has an infinite gradient (it once stopped the CPU demo on NaN
+    gradients)."""
+    from diffusers.pipelines.deprecated.wuerstchen.modeling_wuerstchen_common import GlobalResponseNorm as Theirs
+
+    from wuerstchen.models.common import GRN_WRITTEN_BACKWARD_MIN_NUMEL, GlobalResponseNorm
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, side, side, 64, generator=generator)
+    assert (x.numel() >= GRN_WRITTEN_BACKWARD_MIN_NUMEL) == (side == 16)
+    x[0, :, :, :5] = 0  # all-zero channels of one sample
+    x[1] = 0  # and a sample that is zero everywhere (every norm, and so their mean, is zero)
+    x = x.to(dtype)
+    grad = torch.randn(x.shape, generator=generator)
+    ours, theirs = GlobalResponseNorm(64), Theirs(64)
+    with torch.no_grad():
+        for module in (ours, theirs):
+            module.gamma.copy_(torch.randn(ours.gamma.shape, generator=torch.Generator().manual_seed(1)))
+            module.beta.copy_(torch.randn(ours.beta.shape, generator=torch.Generator().manual_seed(2)))
+    results = []
+    for module in (ours, theirs):
+        inputs = x.clone().requires_grad_()
+        output = module(inputs)
+        output.backward(grad.to(output.dtype))
+        results.append((output.detach(), inputs.grad, module.gamma.grad, module.beta.grad))
+    (out, *grads), (expected, *expected_grads) = results
+    assert out.dtype == expected.dtype and torch.equal(out, expected)
+    for ours_grad, their_grad in zip(grads, expected_grads):
+        assert ours_grad.dtype == their_grad.dtype and torch.isfinite(ours_grad).all()
+        tolerance = (1e-5 if dtype == torch.float32 else 1e-2) * their_grad.float().abs().max()
+        assert (ours_grad.float() - their_grad.float()).abs().max() <= tolerance
+    assert grads[0][0, :, :, :5].abs().max() > 0  # the direct path x -> out still reaches zero channels
+
+
+@pytest.mark.parametrize("stage", ["b", "c"])
+def test_training_gradients_match_diffusers(stage: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Train mode at dropout 0 (the same computation): every parameter's gradient agrees with diffusers', with every
+    GRN on its written-out backward (these maps are below the size that takes it by default)."""
+    monkeypatch.setattr("wuerstchen.models.common.GRN_WRITTEN_BACKWARD_MIN_NUMEL", 0)
+    torch.manual_seed(0)
+    if stage == "c":
+        ours = randomise(StageC(**TINY_C, dropout=0.0), seed=3).train()
+        tame_prior_output(ours)
+        inputs = torch.randn(2, 16, 5, 6), torch.rand(2), torch.randn(2, 77, 24)
+        theirs = WuerstchenPrior(**TINY_C, dropout=0.0).train()
+    else:
+        ours = randomise(StageB(**TINY_B, dropout=0.0), seed=3).train()
+        inputs = torch.randn(2, 4, 8, 12), torch.rand(2), torch.randn(2, 16, 3, 5), torch.randn(2, 77, 20)
+        theirs = WuerstchenDiffNeXt(**TINY_B, dropout=0.0).train()
+    theirs.load_state_dict(released_to_diffusers(ours.state_dict()), strict=True)
+    for model in (ours, theirs):
+        model(*inputs).square().mean().backward()
+    ours_grads = released_to_diffusers({name: p.grad for name, p in ours.named_parameters()})
+    their_grads = dict(theirs.named_parameters())
+    assert ours_grads.keys() == their_grads.keys()
+    for name, grad in ours_grads.items():
+        expected = their_grads[name].grad
+        assert (grad - expected).abs().max() <= 1e-4 * expected.abs().max() + 1e-7, name
+
+
 @pytest.mark.parametrize(("builder", "config", "params", "keys", "diffusers_keys"), [
     (StageC, {}, 347_037_472, 264, None),
     (StageC, dict(c=1536, depth=32, nhead=24, c_cond=1280), 993_636_896, 520, 648),

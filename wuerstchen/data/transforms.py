@@ -68,7 +68,7 @@ class ImageTransform:
     training or a centre crop for validation), and each output is resampled straight from that box: ``images`` at the
     bucket size (Stage A/B), ``effnet_images`` at ``view_size`` of each side (the semantic compressor). JPEGs are
     decoded at a reduced scale (``draft``) when the largest output allows, which makes small crops of large photos
-    several times cheaper.
+    several times cheaper (``jpeg_draft=False`` decodes every image at full size).
 
     The work comes in two steps: :meth:`plan` picks the bucket and the box from the image's size (its header) and
     makes every random draw; :meth:`render` decodes and resamples, deterministically. ``transform(image, rng)`` does
@@ -83,11 +83,13 @@ class ImageTransform:
         effnet_scale: compressor side / image side (0.75 in the paper).
         multiple: the buckets' sides are multiples of it, what the stage's networks need
             (``StageModule.pixel_multiple``; the compressor views are snapped to 32 on their own whatever it is).
+        jpeg_draft: let the JPEG decoder shrink by 1/2, 1/4 or 1/8 while the crop keeps every output's detail; off,
+            each JPEG decodes at its stored size (the reference for ``scripts/bench_data.py --draft-sources``).
     """
 
     def __init__(self, image_size: int, outputs: Sequence[str] = OUTPUT_KEYS, ratios: Sequence[float] = (1.0,),
                  random_ratio_prob: float = 0.0, random_crop: bool = True, effnet_scale: float = VIEW_SCALE,
-                 interpolation: str = "bicubic", multiple: int = BASE_MULTIPLE) -> None:
+                 interpolation: str = "bicubic", multiple: int = BASE_MULTIPLE, jpeg_draft: bool = True) -> None:
         unknown = set(outputs) - set(OUTPUT_KEYS)
         if unknown or not outputs:
             raise ValueError(f"transform outputs must be a non-empty subset of {OUTPUT_KEYS}, got {list(outputs)}")
@@ -99,6 +101,7 @@ class ImageTransform:
         self.random_crop = bool(random_crop)
         self.effnet_scale = float(effnet_scale)
         self.resample = _RESAMPLE[interpolation]
+        self.jpeg_draft = bool(jpeg_draft)
 
     @classmethod
     def multi_aspect(cls, image_size: int, **kwargs) -> "ImageTransform":
@@ -143,7 +146,8 @@ class ImageTransform:
         """Decode a (lazily opened) image and resample every output from the planned box; draws no random number."""
         sizes = self.output_sizes(plan.bucket)
         largest = max(sizes.values(), key=lambda wh: wh[0] * wh[1])
-        self._draft(image, plan.bucket, largest)
+        if self.jpeg_draft:
+            self._draft(image, plan.bucket, largest)
         image = image.convert("RGB")
         box = _scale_box(plan.box, plan.source_size, image.size)
         return {key: pil_to_uint8(image.resize(size, self.resample, box=box)) for key, size in sizes.items()}

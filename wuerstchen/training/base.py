@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -11,13 +11,12 @@ import lightning as L
 import numpy as np
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from ..data.buckets import BASE_MULTIPLE
 from ..weights import checkpoint as schema
 from ..weights.loaders import InitialWeights
 from .checkpointing import rng_states, set_rng_states
-from .distributed import FSDPStrategy, NonFiniteSteps
+from .distributed import FSDPStrategy, NonFiniteSteps, StepHealth, clip_by_norm, step_health
 from .ema import EMA
 from .optim import OptimizerFactory, SchedulerFactory, build_optimizer
 
@@ -57,8 +56,9 @@ class StageModule(L.LightningModule):
     def __init__(self, optimizer: OptimizerFactory, scheduler: SchedulerFactory | None = None,
                  ema: dict[str, Any] | None = None, grad_clip: float | None = 1.0,
                  lr_scales: dict[str, float] | None = None, max_nonfinite_steps: int = 10,
-                 init: Mapping[str, InitialWeights | None] | None = None) -> None:
+                 init: Mapping[str, InitialWeights | None] | None = None, channels_last: bool = False) -> None:
         super().__init__()
+        self.channels_last = channels_last
         self.nonfinite = NonFiniteSteps(max_nonfinite_steps)
         unknown = set(lr_scales or {}) - set(self.trained)
         if unknown:
@@ -74,6 +74,11 @@ class StageModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.ema_config = ema
         self.ema: EMA | None = None
+        # host booleans the ranks agree on in the step's one all-reduce (Preemption registers its signal flag);
+        # after each optimizer step `agreed_flags` holds the agreed values and the step they belong to
+        self.step_flags: dict[str, Callable[[], bool]] = {}
+        self.agreed_flags: dict[str, Any] = {}
+        self._health: tuple[int, StepHealth] | None = None
 
     # -- networks ---------------------------------------------------------------------------------------------------
     @property
@@ -160,20 +165,32 @@ class StageModule(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
-        """Clip by the stage's ``grad_clip`` (one place for automatic and manual optimisation alike)."""
-        if self.grad_clip:
+        """Clip by the stage's ``grad_clip`` (one place for automatic and manual optimisation alike). Automatic
+        optimisation clips with the norm :meth:`on_before_optimizer_step` just computed (the same coefficient as
+        ``clip_grad_norm_``, without a second pass over the gradients)."""
+        if not self.grad_clip:
+            return
+        health = self._health
+        if self.automatic_optimization and health is not None and health[0] == self.global_step:
+            clip_by_norm((p.grad for group in optimizer.param_groups for p in group["params"]), self.grad_clip,
+                         health[1].norm)
+        else:
             self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # all ranks agree: a non-finite gradient anywhere drops every gradient, so this step changes no weight
-        self.nonfinite.check(optimizer, self.global_step, self.device)
+        """The step's one host synchronisation: the gradients' norm and finiteness and the callbacks' ``step_flags``
+        (the preemption signal), agreed by all ranks in one all-reduce (:func:`~.distributed.step_health`). A
+        non-finite gradient anywhere drops every gradient, so this step changes no weight; the norm is logged and
+        clipped with."""
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
+        names = sorted(self.step_flags)
+        health = step_health(grads, self.device, [self.step_flags[name]() for name in names])
+        self._health = (self.global_step, health)
+        self.agreed_flags = {"step": self.global_step, **dict(zip(names, health.flags))}
+        self.nonfinite.record(health.finite, optimizer, self.global_step)
         self.log("train/skipped_steps", float(self.nonfinite.total), on_step=True, on_epoch=False)
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if grads:
-            norm = torch.nn.utils.get_total_norm(grads)
-            if isinstance(norm, DTensor):  # sharded gradients: the norm over all shards
-                norm = norm.full_tensor()
-            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        if health.finite and any(g is not None for g in grads):
+            self.log("train/grad_norm", health.norm, on_step=True, on_epoch=False)
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -209,6 +226,17 @@ class StageModule(L.LightningModule):
         finally:
             setattr(self, name, network)
 
+    def to_channels_last(self, strategy: Any = None) -> None:
+        """``stage.channels_last``: the registered networks' 4-D weights (and so their convolutions' outputs) in NHWC
+        memory order, which cuDNN's tensor-core convolutions prefer (``make gpu-report`` measures Stage B both ways).
+        The math is the same; checkpoints load into either order. FSDP2 gathers its shards into contiguous
+        parameters, so it is refused there rather than silently ignored."""
+        if isinstance(strategy, FSDPStrategy):
+            raise ValueError("stage.channels_last=true is for one device or trainer=ddp: trainer=fsdp gathers "
+                             "contiguous parameters")
+        for name in (*self.trained, *self.frozen_modules):
+            getattr(self, name).to(memory_format=torch.channels_last)
+
     # -- sharding ---------------------------------------------------------------------------------------------------
     @property
     def sharded(self) -> bool:
@@ -218,8 +246,10 @@ class StageModule(L.LightningModule):
         """Create the EMA copy (every strategy: :meth:`setup_ema`). Under ``trainer=fsdp`` then fully_shard the
         trained networks over their ``fsdp_units()`` and the EMA copy exactly like its network; frozen networks are replicated
         unless the strategy's ``shard_frozen``."""
-        self.setup_ema()  # a copy of the unsharded network, before the checkpoint (if any) is restored into it
         strategy = self._trainer.strategy if self._trainer is not None else None
+        if self.channels_last:
+            self.to_channels_last(strategy)
+        self.setup_ema()  # a copy of the unsharded network, before the checkpoint (if any) is restored into it
         if not isinstance(strategy, FSDPStrategy) or self.sharded:
             return
         self._sharded = True

@@ -61,9 +61,10 @@ class ImagePreview(L.Callback):
                     logger.log_image(key=f"preview/{name}", images=[grid], step=step)
 
 
-# Dense bf16 tensor-core peak per GPU in TFLOP/s (vendor datasheets, SXM parts), matched against the device name.
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A6000": 155.0, "A10": 125.0,
-                    "V100": 125.0}
+# Dense bf16 tensor-core peak per GPU in TFLOP/s (vendor datasheets), matched in this order against the device name:
+# the PCIe and NVL H100s before the SXM part (`torch.cuda.get_device_name` says "NVIDIA H100 80GB HBM3" for SXM).
+PEAK_BF16_TFLOPS = {"B200": 2250.0, "H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0,
+                    "A100": 312.0, "L40S": 362.0, "A6000": 155.0, "A10": 125.0, "V100": 125.0}
 
 
 def peak_tflops(device: torch.device) -> float | None:

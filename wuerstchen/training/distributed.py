@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -136,19 +137,63 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device | str) -> nn.
 
 
 # --------------------------------------------------------------------------------------------- non-finite steps
-def all_finite(tensors: Iterable[torch.Tensor | None], device: torch.device) -> bool:
-    """Whether every tensor is finite on every rank: one multi-tensor norm on the device (a NaN or inf anywhere in a
-    tensor makes its norm non-finite; empty FSDP shards have norm 0), one all-reduce and a single host sync. A
-    finite gradient whose norm overflows (entries beyond ~1e19 in fp32) counts as non-finite too: its step would
-    be garbage anyway."""
-    local = [t.to_local() if isinstance(t, torch.distributed.tensor.DTensor) else t for t in tensors if t is not None]
-    finite = torch.ones((), device=device)
+class StepHealth(NamedTuple):
+    """What the ranks agree on before an optimizer step (:func:`step_health`)."""
+
+    norm: torch.Tensor  # the gradients' global 2-norm, fp32 on the device: for clipping and the grad_norm log
+    finite: bool  # every gradient on every rank finite (and the norm too)
+    flags: list[bool]  # each flag given, true on any rank
+
+
+def step_health(grads: Iterable[torch.Tensor | None], device: torch.device,
+                flags: Sequence[bool] = ()) -> StepHealth:
+    """The gradients' global 2-norm, whether they are finite everywhere, and ``flags`` (host booleans, e.g. a
+    preemption signal) OR-ed over the ranks: one multi-tensor norm pass, at most one all-reduce and one host read.
+
+    A NaN or inf anywhere makes its tensor's norm, hence the global norm, non-finite; a finite gradient whose norm
+    overflows (entries beyond ~1e19 in fp32) counts as non-finite too, its step would be garbage anyway. Sharded
+    (DTensor) gradients contribute their local shards' squared norm to the all-reduce (a sum, as FSDP2's norm is);
+    replicated ones (one process, DDP after its all-reduce) are whole on every rank already. Every rank must call it
+    (a collective on several ranks). The norm is computed as ``torch.nn.utils.get_total_norm`` computes it, so
+    clipping with it (:func:`clip_by_norm`) is what ``clip_grad_norm_`` does.
+    """
+    grads = [g for g in grads if g is not None]
+    is_shard = [isinstance(g, torch.distributed.tensor.DTensor) for g in grads]
+    replicated = _norm([g for g, shard in zip(grads, is_shard) if not shard], device)
+    shards = _norm([g.to_local() for g, shard in zip(grads, is_shard) if shard], device) if any(is_shard) else None
+    if distributed_world() == 1:  # the flags are this process's already
+        norm = replicated if shards is None else torch.linalg.vector_norm(torch.stack([replicated, shards]))
+        return StepHealth(norm, math.isfinite(norm.item()), [bool(f) for f in flags])  # the step's one host read
+    # summed over ranks: the shards' squared norms, non-finite counts, the flags (a true one makes the sum positive)
+    packed = torch.stack([torch.zeros_like(replicated) if shards is None else shards.square(),
+                          (~torch.isfinite(replicated)).to(torch.float32),
+                          *(torch.tensor(float(f), device=device) for f in flags)])
+    dist.all_reduce(packed)
+    norm = replicated if shards is None else (packed[0] + replicated.square()).sqrt()
+    read = torch.cat([norm[None], packed[1:]]).tolist()  # the step's one host read
+    return StepHealth(norm, math.isfinite(read[0]) and read[1] == 0, [value > 0 for value in read[2:]])
+
+
+def _norm(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The 2-norm of all ``tensors`` together, fp32 on ``device``, as ``torch.nn.utils.get_total_norm`` computes it
+    (0 for none)."""
+    if not tensors:
+        return torch.zeros((), device=device)
+    return torch.linalg.vector_norm(torch.stack([n.to(device, torch.float32) for n in torch._foreach_norm(tensors)]))
+
+
+def clip_by_norm(grads: Iterable[torch.Tensor | None], max_norm: float, norm: torch.Tensor) -> None:
+    """Scale the gradients in place so their global norm ``norm`` (:func:`step_health`) is at most ``max_norm``:
+    ``clip_grad_norm_``'s coefficient without computing the norm again; sharded gradients scale their shards."""
+    local = [g.to_local() if isinstance(g, torch.distributed.tensor.DTensor) else g for g in grads if g is not None]
     if local:
-        norms = torch.stack([norm.to(device, torch.float32) for norm in torch._foreach_norm(local)])
-        finite = torch.isfinite(norms).all().to(torch.float32)
-    if distributed_world() > 1:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item())
+        coefficient = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        torch._foreach_mul_(local, coefficient.to(local[0].device))
+
+
+def all_finite(tensors: Iterable[torch.Tensor | None], device: torch.device) -> bool:
+    """Whether every tensor is finite on every rank (:func:`step_health` without flags)."""
+    return step_health(tensors, device).finite
 
 
 class NonFiniteSteps:
@@ -164,9 +209,15 @@ class NonFiniteSteps:
     def check(self, optimizer: torch.optim.Optimizer, step: int, device: torch.device) -> bool:
         """True if the step may go ahead; else drops every gradient (so the step changes nothing) and counts it."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        if all_finite((p.grad for p in params), device):
+        return self.record(all_finite((p.grad for p in params), device), optimizer, step)
+
+    def record(self, finite: bool, optimizer: torch.optim.Optimizer, step: int) -> bool:
+        """Count the step as the ranks agreed (``finite``: :func:`step_health`); a non-finite one drops every
+        gradient, so the optimizer step changes nothing. Returns ``finite``."""
+        if finite:
             self.in_a_row = 0
             return True
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         for p in params:
             p.grad = None
         self.in_a_row += 1
@@ -188,9 +239,14 @@ class NonFiniteSteps:
 
 
 # ------------------------------------------------------------------------------------------------------------ FSDP
+# Distinct input shapes each compiled unit keeps a graph of: aspect buckets (11 in configs/data/laion_buckets.yaml),
+# the last partial batch of a finite dataset, validation. torch's default (8) would send the rest back to eager.
+COMPILED_SHAPES = 32
+
+
 def parallelize(network: nn.Module, mesh: DeviceMesh | None = None, mp_policy: MixedPrecisionPolicy | None = None,
                 activation_checkpointing: bool = False, compile_units: bool = False,
-                reshard_after_forward: bool = True) -> list[Unit]:
+                reshard_after_forward: bool = True, compile_backend: str = "inductor") -> list[Unit]:
     """Shard ``network`` over its own units (``network.fsdp_units()``), as torchtitan's ``parallelize``: activation
     checkpointing of every unit, then ``torch.compile`` of every unit's modules, then ``fully_shard`` of every unit
     (a unit of several modules shares one all-gather) and last of the root, which holds what no unit does.
@@ -201,7 +257,9 @@ def parallelize(network: nn.Module, mesh: DeviceMesh | None = None, mp_policy: M
     frozen encoder) has no backward to reshard in, so everything is resharded right after it: until then the module's
     parameters would be the gathered tensors, not the shards the optimizer, the EMA and the checkpoints pair them with.
 
-    Activation checkpointing is the network's ``grad_checkpointing``: its forward recomputes exactly the units listed
+    Compiled units keep one static graph per input shape (up to ``COMPILED_SHAPES``; ``compile_backend``: a
+    ``torch.compile`` backend, ``aot_eager`` in the CPU tests). Activation checkpointing is the network's
+    ``grad_checkpointing``: its forward recomputes exactly the units listed
     here. A network without it (BatchNorm or spectral norm in every unit, which must not run twice) is sharded
     without; one without ``fsdp_units`` is sharded as one unit, the root. Returns the units.
     """
@@ -212,9 +270,12 @@ def parallelize(network: nn.Module, mesh: DeviceMesh | None = None, mp_policy: M
         else:
             log.info("%s has no activation checkpointing; sharded without", type(network).__name__)
     if compile_units:
+        # static shapes: one graph per bucket shape, each compiled at its first batch and never again, rather than
+        # dynamo's switch to a dynamic-shape graph at the second shape
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_SHAPES)
         for unit in units:
             for module in unit:
-                module.compile()
+                module.compile(dynamic=False, backend=compile_backend)
     if mesh is not None:
         from torch.distributed.fsdp import fully_shard
 

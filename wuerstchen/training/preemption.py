@@ -42,10 +42,13 @@ class Preemption(L.Callback):
     """SIGUSR1 / SIGTERM set a flag; at the next optimizer step boundary the ranks agree on it, save one checkpoint
     together, rank 0 runs ``scontrol requeue`` (``requeue: true`` inside a SLURM job), and the run stops.
 
-    - The ranks agree (one scalar all-reduce) every ``check_every_n_steps`` optimizer steps, and once before the
-      first step: a signal during set-up or checkpoint loading stops the run before it trains. (The exact-resume
-      skip runs in the loader workers while the first batch is awaited, after that check: a signal then stops the
-      run after its first step.)
+    - The ranks agree every ``check_every_n_steps`` optimizer steps, and once before the first step. At a step the
+      flag travels in the stage module's one all-reduce before the optimizer step (its ``step_flags``, with the
+      gradients' norm: no collective or host synchronisation of its own); a signal after that is acted on at the
+      next step. Before the first step (and for a module without ``step_flags``) one scalar all-reduce: a signal
+      during set-up or checkpoint loading stops the run before it trains. (The exact-resume skip runs in the loader
+      workers while the first batch is awaited, after that check: a signal then stops the run after its first
+      step.)
     - A run that stops skips the validation pass Lightning would otherwise run first; a signal during validation or
       during a checkpoint save is acted on at the next step boundary. A signal at the last step changes nothing:
       the run ends there anyway, with its final checkpoint.
@@ -86,6 +89,8 @@ class Preemption(L.Callback):
         if stage == "fit":
             self.install()  # already done by scripts/train.py; here for trainers built elsewhere
             trainer._signal_connector = _SignalsHandledByPreemption(trainer)
+            if isinstance(getattr(pl_module, "step_flags", None), dict):
+                pl_module.step_flags["preemption"] = lambda: self.received is not None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._step = trainer.global_step
@@ -134,6 +139,9 @@ class Preemption(L.Callback):
         """Whether any rank received a signal: a single process reads its flag, several all-reduce it."""
         if trainer.world_size == 1:
             return self.received is not None
+        agreed = getattr(pl_module, "agreed_flags", {})
+        if "preemption" in agreed and agreed["step"] == trainer.global_step - 1:  # this step's optimizer step
+            return agreed["preemption"]
         flag = torch.tensor(float(self.received is not None), device=pl_module.device)
         return bool(trainer.strategy.reduce(flag, reduce_op="max").item())
 

@@ -78,9 +78,10 @@ class StageAModule(StageModule):
                  vq_weight: float = 1.0, disc_weight: float = 0.1, disc_start: int = 10_000,
                  grad_clip: float | None = 1.0, codebook_restart_every: int = 100, quantize_prob: float = 1.0,
                  latent_noise: float = 0.0, latent_scale_images: int | None = 4096, ema: dict[str, Any] | None = None,
-                 max_nonfinite_steps: int = 10, init: dict[str, Any] | None = None) -> None:
+                 max_nonfinite_steps: int = 10, init: dict[str, Any] | None = None,
+                 channels_last: bool = False) -> None:
         super().__init__(optimizer=optimizer, scheduler=scheduler, ema=ema, grad_clip=grad_clip,
-                         max_nonfinite_steps=max_nonfinite_steps, init=init)
+                         max_nonfinite_steps=max_nonfinite_steps, init=init, channels_last=channels_last)
         self.codebook_restart_every = codebook_restart_every
         self.nonfinite_d = NonFiniteSteps(max_nonfinite_steps)  # the generator's are counted by the base class
         self.quantize_prob = quantize_prob
