@@ -71,9 +71,13 @@ class PriorStep:
 
     def __init__(self, stage_c: nn.Module, text_encoder: TextEncoder, effnet: nn.Module, device: torch.device,
                  dtype: torch.dtype) -> None:
+        self.attach(StageCModule(stage_c=stage_c, text_encoder=text_encoder, effnet=effnet,
+                                 optimizer=torch.optim.AdamW), device, dtype)
+
+    def attach(self, module: StageCModule | StageBModule, device: torch.device, dtype: torch.dtype) -> None:
+        """Step ``module`` on ``device`` under ``dtype`` autocast."""
         self.device, self.dtype = device, dtype
-        self.module = StageCModule(stage_c=stage_c, text_encoder=text_encoder, effnet=effnet,
-                                   optimizer=torch.optim.AdamW).to(device)
+        self.module = module.to(device)
         self.module.frozen.to(device)
         self.setup()
 
@@ -149,11 +153,8 @@ class DecoderStep(PriorStep):
 
     def __init__(self, stage_b: nn.Module, effnet: nn.Module, text_encoder: TextEncoder, stage_a: nn.Module,
                  device: torch.device, dtype: torch.dtype) -> None:
-        self.device, self.dtype = device, dtype
-        self.module = StageBModule(stage_b=stage_b, effnet=effnet, text_encoder=text_encoder, stage_a=stage_a,
-                                   optimizer=torch.optim.AdamW).to(device)
-        self.module.frozen.to(device)
-        self.setup()
+        self.attach(StageBModule(stage_b=stage_b, effnet=effnet, text_encoder=text_encoder, stage_a=stage_a,
+                                 optimizer=torch.optim.AdamW), device, dtype)
 
     @classmethod
     def preset(cls, name: str, device: torch.device, dtype: torch.dtype) -> DecoderStep:
