@@ -53,7 +53,7 @@ slurm-deps:
 bench-data: setup
 	$(PY) scripts/bench_data.py
 
-# The GPU report (scripts/gpu_report.py): every speed, memory and input-side case on one GPU in about 8 minutes,
+# The GPU report (scripts/gpu_report.py): speed, memory and input-side cases on one GPU in a 6-minute budget,
 # written to runs/gpu_report/report.md and .json. GPU_REPORT_ARGS=--smoke runs each case at tiny size on the CPU.
 # On a GPU machine without package access whose python3 has torch, lightning and timm (a lent benchmark box): run
 # `make gpu-wheels` where PyPI is reachable, bring .whl/ along, and there `make gpu-report GPU_WHEELS=.whl`.

@@ -1,6 +1,6 @@
 """The GPU report: one command that turns a lent GPU's minutes into the measured tables of docs/benchmarks.md.
 
-    python scripts/gpu_report.py [--out runs/gpu_report] [--budget-s 480] [--peak-tflops X] [--memory-budget-gb G]
+    python scripts/gpu_report.py [--out runs/gpu_report] [--budget-s 360] [--peak-tflops X] [--memory-budget-gb G]
                                  [--only CASE ...] [--smoke]
     make gpu-report              # the same with the defaults
 
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -46,6 +47,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -135,9 +137,12 @@ class Report:
 
     def write(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "report.json").write_text(json.dumps({"machine": self.header, "tables": self.tables,
-                                                          "notes": self.notes}, indent=1, default=str) + "\n")
-        (self.out / "report.md").write_text(self.markdown())
+        for name, text in (("report.json", json.dumps({"machine": self.header, "tables": self.tables,
+                                                       "notes": self.notes}, indent=1, default=str) + "\n"),
+                           ("report.md", self.markdown())):
+            partial = self.out / f".{name}.partial"  # a report stopped mid-write keeps the previous whole file
+            partial.write_text(text)
+            os.replace(partial, self.out / name)
 
     def markdown(self) -> str:
         lines = ["# GPU report", "", " | ".join(f"{k}: {v}" for k, v in self.header.items()), ""]
@@ -195,8 +200,15 @@ class Context:
 
     def free(self) -> None:
         self._built.clear()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        release(self.device)
+
+
+def release(device: torch.device) -> None:
+    """Return what no case holds any more: compiled and FSDP-wrapped networks sit in reference cycles, which only a
+    collection frees, and until then their weights count in the next case's peak memory."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def model_flops(ctx: Context, net: str, bench: PriorStep, size: int, data: str, batch: dict[str, Any]) -> float:
@@ -263,9 +275,10 @@ def image_side(latent: int) -> int:
 
 
 def bucket_latents(ctx: Context, net: str) -> list[tuple[int, int]]:
-    """Stage C latent shapes (h, w) of three aspect buckets around the network's first size."""
+    """Stage C latent shapes (h, w) of up to three aspect buckets around the network's first size (each new one
+    compiles every unit's forward and backward again: cold, that is the case's cost)."""
     shapes = AspectBuckets(image_side(ctx.nets[net].sizes[0]), ratios=[1.0, 1.5, 2.0], multiple=32).shapes
-    return list(dict.fromkeys((latent_size(h), latent_size(w)) for w, h in shapes))[:4]
+    return list(dict.fromkeys((latent_size(h), latent_size(w)) for w, h in shapes))[:3]
 
 
 def compiled(net: str) -> Callable[[Context], None]:
@@ -276,37 +289,48 @@ def compiled(net: str) -> Callable[[Context], None]:
         from torch._dynamo import reset
         from torch._dynamo.utils import counters
 
-        spec = ctx.nets[net]
         bench = ctx.fresh(net)
-        bench.parallelize(compile_units=True, compile_backend=ctx.compile_backend)
-        size = spec.sizes[0]
-        data = "cached" if net != "b" else "online"
-        batch = bench.inputs(spec.batch, size, data)
-        reset()
-        synchronize(ctx.device)
-        start = time.perf_counter()
-        bench.step(batch)
-        synchronize(ctx.device)
-        first = time.perf_counter() - start
-        row = step_row(ctx, net, bench, size, data, spec.batch, f"compiled ({ctx.compile_backend})",
-                       flops_from=ctx.bench(net) if (net, size, data) not in ctx.flops else None,
-                       first_step_s=first)
-        ctx.report.add("training steps", row)
-        if net == "b":
-            return
-        graphs = []
-        for shape in bucket_latents(ctx, net):  # a bucket's latents: shapes the cached stream gives
-            cached = {**bench.cached_text(spec.batch), "captions": batch["captions"],
-                      "latents": torch.randn(spec.batch, 16, *shape, device=ctx.device)}
-            for _ in range(2):
-                before = counters["stats"]["unique_graphs"]
-                bench.step(cached)
-                graphs.append((shape, counters["stats"]["unique_graphs"] - before))
-        ctx.report.add("compiled graphs per bucket shape", {
-            "network": spec.name, "shapes": " ".join(f"{h}x{w}" for (h, w), _ in graphs[::2]),
-            "graphs at first batch": " ".join(str(n) for _, n in graphs[::2]),
-            "graphs at second batch": " ".join(str(n) for _, n in graphs[1::2])})
+        try:
+            compiled_rows(ctx, net, bench, counters)
+        finally:
+            del bench
+            reset()  # the compiled graphs of this network
     return case
+
+
+def compiled_rows(ctx: Context, net: str, bench: PriorStep, counters: Any) -> None:
+    """:func:`compiled`'s rows for one freshly built network."""
+    from torch._dynamo import reset
+
+    spec = ctx.nets[net]
+    bench.parallelize(compile_units=True, compile_backend=ctx.compile_backend)
+    size = spec.sizes[0]
+    data = "cached" if net != "b" else "online"
+    batch = bench.inputs(spec.batch, size, data)
+    reset()
+    synchronize(ctx.device)
+    start = time.perf_counter()
+    bench.step(batch)
+    synchronize(ctx.device)
+    first = time.perf_counter() - start
+    row = step_row(ctx, net, bench, size, data, spec.batch, f"compiled ({ctx.compile_backend})",
+                   flops_from=ctx.bench(net) if (net, size, data) not in ctx.flops else None,
+                   first_step_s=first)
+    ctx.report.add("training steps", row)
+    if net == "b":
+        return
+    graphs = []
+    for shape in bucket_latents(ctx, net):  # a bucket's latents: shapes the cached stream gives
+        cached = {**bench.cached_text(spec.batch), "captions": batch["captions"],
+                  "latents": torch.randn(spec.batch, 16, *shape, device=ctx.device)}
+        for _ in range(2):
+            before = counters["stats"]["unique_graphs"]
+            bench.step(cached)
+            graphs.append((shape, counters["stats"]["unique_graphs"] - before))
+    ctx.report.add("compiled graphs per bucket shape", {
+        "network": spec.name, "shapes": " ".join(f"{h}x{w}" for (h, w), _ in graphs[::2]),
+        "graphs at first batch": " ".join(str(n) for _, n in graphs[::2]),
+        "graphs at second batch": " ".join(str(n) for _, n in graphs[1::2])})
 
 
 @contextlib.contextmanager
@@ -318,7 +342,9 @@ def one_rank_group(device: torch.device) -> Iterator[Any]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    options = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                            timeout=timedelta(seconds=120), **options)
     try:
         yield init_device_mesh(device.type, (1,))
     finally:
@@ -347,38 +373,52 @@ def largest_batch(net: str) -> Callable[[Context], None]:
     """The largest batch (doubling) whose step peaks within ``--memory-budget-gb``, without and with activation
     checkpointing, and its rate."""
     def case(ctx: Context) -> None:
-        spec = ctx.nets[net]
-        size, data = spec.sizes[0], "cached" if net != "b" else "online"
         bench = ctx.bench(net)
-        for checkpointing in (False, True):
-            bench.trained.grad_checkpointing = checkpointing
-            fits, batch, note = None, max(1, spec.batch // 2), ""
-            probes = 2 if ctx.smoke else 8
-            for _ in range(probes):
-                try:
-                    with peak_memory(ctx.device):
-                        time_steps(bench, bench.inputs(batch, size, data), steps=1, warmup=1)
-                        peak = peak_memory_gb(ctx.device)
-                except torch.OutOfMemoryError:
-                    note = f"batch {batch}: out of memory"
-                    break
-                finally:
-                    bench.optimizer.zero_grad(set_to_none=True)
-                if peak is not None and peak > ctx.memory_budget_gb:
-                    note = f"batch {batch}: {peak:.1f} GB"
-                    break
-                fits, batch = batch, batch * 2
-            if fits is None:
-                ctx.report.add("largest batch in the memory budget", {"network": spec.name, "size": bench.size(size),
-                               "activation checkpointing": checkpointing, "batch": None, "note": note})
-                continue
-            row = step_row(ctx, net, bench, size, data, fits, "checkpointed" if checkpointing else "eager")
-            ctx.report.add("largest batch in the memory budget", {
-                "network": spec.name, "size": row["size"], "activation checkpointing": checkpointing,
-                "budget_GB": ctx.memory_budget_gb, "batch": fits, "samples_per_s": row["samples_per_s"],
-                "mfu": row["mfu"], "peak_mem_GB": row["peak_mem_GB"], "next": note or f"stopped at {probes} probes"})
-        bench.trained.grad_checkpointing = False
+        try:
+            for checkpointing in (False, True):
+                bench.trained.grad_checkpointing = checkpointing
+                ctx.report.add("largest batch in the memory budget", search_batch(ctx, net, bench))
+        finally:
+            bench.trained.grad_checkpointing = False
     return case
+
+
+def _out_of_memory(exn: BaseException) -> bool:
+    """CUDA's allocator raises OutOfMemoryError; cuBLAS and cuDNN report a failed workspace as a RuntimeError."""
+    return isinstance(exn, torch.OutOfMemoryError) or any(text in str(exn) for text in ("out of memory",
+                                                                                        "ALLOC_FAILED"))
+
+
+def search_batch(ctx: Context, net: str, bench: PriorStep) -> dict[str, Any]:
+    """Double the batch from half the network's until a step peaks past the budget or runs out of memory; the row
+    of the largest that fitted, timed."""
+    spec = ctx.nets[net]
+    size, data = spec.sizes[0], "cached" if net != "b" else "online"
+    checkpointing = bench.trained.grad_checkpointing
+    fits, batch, note, probes = None, max(1, spec.batch // 2), "", 2 if ctx.smoke else 8
+    for _ in range(probes):
+        try:
+            with peak_memory(ctx.device):
+                time_steps(bench, bench.inputs(batch, size, data), steps=1, warmup=1)
+                peak = peak_memory_gb(ctx.device)
+        except RuntimeError as exn:  # OutOfMemoryError is one
+            if not _out_of_memory(exn):
+                raise
+            note = f"batch {batch}: out of memory"
+            break
+        finally:
+            bench.optimizer.zero_grad(set_to_none=True)
+        if peak is not None and peak > ctx.memory_budget_gb:
+            note = f"batch {batch}: {peak:.1f} GB"
+            break
+        fits, batch = batch, batch * 2
+    if fits is None:
+        return {"network": spec.name, "size": bench.size(size), "activation checkpointing": checkpointing,
+                "batch": None, "next": note}
+    row = step_row(ctx, net, bench, size, data, fits, "checkpointed" if checkpointing else "eager")
+    return {"network": spec.name, "size": row["size"], "activation checkpointing": checkpointing,
+            "budget_GB": ctx.memory_budget_gb, "batch": fits, "samples_per_s": row["samples_per_s"],
+            "mfu": row["mfu"], "peak_mem_GB": row["peak_mem_GB"], "next": note or f"stopped at {probes} probes"}
 
 
 def attention(ctx: Context) -> None:
@@ -441,7 +481,7 @@ def host_syncs(ctx: Context) -> None:
             finally:
                 if ctx.device.type == "cuda":
                     torch.cuda.set_sync_debug_mode("default")
-        syncs = [str(w.message).splitlines()[0][:80] for w in caught if "synchroniz" in str(w.message)]
+        syncs = [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
         ctx.report.add("host synchronisations per step", {
             "network": spec.name, "data": data,
             "cuda syncs": len(syncs) if ctx.device.type == "cuda" else "n/a (cpu)",
@@ -451,9 +491,7 @@ def host_syncs(ctx: Context) -> None:
 
 def optimizer_step(ctx: Context) -> None:
     """AdamW's step alone over the 1B prior's parameter shapes: fused (the configs' default), foreach, per tensor."""
-    bench = ctx.bench("c1b")
-    shapes = [p.shape for p in bench.trained.parameters()]
-    ctx.free()
+    shapes = [p.shape for p in ctx.bench("c1b").trained.parameters()]  # kept built: the loader case uses it
     params = [torch.nn.Parameter(torch.randn(s, device=ctx.device)) for s in shapes]
     for p in params:
         p.grad = torch.randn_like(p)
@@ -524,23 +562,25 @@ def _verdict(loader_rate_: float, step_rate: float | None) -> str:
         f"step (loader {loader_rate_ / step_rate:.1f}x ahead)"
 
 
-# (name, seconds it is expected to take on an H100/H200, the case), in priority order
+# (name, seconds it is expected to take on an H100/H200, the case), in priority order and grouped so that each
+# network is built as few times as possible; the attention kernels (cuDNN's among them) after the main rows, since
+# a kernel fault would end every case after it
 CASES: list[tuple[str, float, Callable[[Context], None]]] = [
     ("c16_24_cached", 20, eager("c16", 0, "cached")),
+    ("host_syncs", 10, host_syncs),
     ("c1b_24_cached", 25, eager("c1b", 0, "cached")),
     ("c1b_24_online", 20, eager("c1b", 0, "online")),
     ("c1b_48_cached", 20, eager("c1b", 1, "cached")),
-    ("b_512_online", 30, eager("b", 0, "online")),
-    ("b_1024_online", 30, eager("b", 1, "online")),
-    ("attention", 15, attention),
-    ("host_syncs", 10, host_syncs),
     ("optimizer", 15, optimizer_step),
     ("loader", 60, loader),
+    ("b_512_online", 30, eager("b", 0, "online")),
+    ("b_1024_online", 30, eager("b", 1, "online")),
+    ("b_channels_last", 30, channels_last),
+    ("attention", 15, attention),
     ("c16_compiled", 90, compiled("c16")),
     ("c16_fsdp", 20, fsdp("c16")),
     ("c1b_fsdp", 25, fsdp("c1b")),
     ("c16_largest_batch", 60, largest_batch("c16")),
-    ("b_channels_last", 30, channels_last),
     ("c1b_largest_batch", 60, largest_batch("c1b")),
     ("c1b_compiled", 90, compiled("c1b")),
     ("b_compiled", 120, compiled("b")),
@@ -560,16 +600,22 @@ def machine(device: torch.device, peak: float | None, args: argparse.Namespace) 
     return info
 
 
+class OverTime(BaseException):
+    """Raised by the alarm in the case still running past ``--budget-s + --grace-s``: a BaseException, so that no
+    library's ``except Exception`` swallows it."""
+
+
 def _over_time(signum: int, frame: Any) -> None:
-    raise TimeoutError("over the report's time limit (--budget-s + --grace-s)")
+    signal.alarm(10)  # again in 10 s, should something swallow this one after all
+    raise OverTime("over the report's time limit (--budget-s + --grace-s)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/gpu_report"))
-    parser.add_argument("--budget-s", type=float, default=480.0,
+    parser.add_argument("--budget-s", type=float, default=360.0,
                         help="start no case that would end after this many seconds")
-    parser.add_argument("--grace-s", type=float, default=45.0,
+    parser.add_argument("--grace-s", type=float, default=30.0,
                         help="stop the case still running this long after the budget")
     parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak (default: detected)")
     parser.add_argument("--memory-budget-gb", type=float, default=None,
@@ -613,11 +659,13 @@ def main(argv: list[str] | None = None) -> Report:
             try:
                 case(ctx)
                 status = "ok"
-            except Exception as exn:  # one case's failure is a row of the report, not the end of it
+            except (Exception, OverTime) as exn:  # one case's failure is a row of the report, not the end of it
                 status = f"failed: {_error(exn)}"
                 traceback.print_exc()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+            try:  # outside the handler: its traceback no longer holds the case's tensors
+                release(device)
+            except Exception as exn:  # a broken CUDA context: record it, the next cases will say so too
+                status += f"; cleanup failed: {_error(exn)}"
             report.add("cases", {"case": name, "status": status, "seconds": time.perf_counter() - start})
         signal.alarm(0)
         ctx.free()
