@@ -175,16 +175,16 @@ def step_health(grads: Iterable[torch.Tensor | None], device: torch.device,
 
 
 def _norm(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """The 2-norm of all ``tensors`` together, fp32 on ``device``, as ``torch.nn.utils.get_total_norm`` computes it
-    (0 for none)."""
-    if not tensors:
-        return torch.zeros((), device=device)
-    return torch.linalg.vector_norm(torch.stack([n.to(device, torch.float32) for n in torch._foreach_norm(tensors)]))
+    """The 2-norm of all ``tensors`` together (``torch.nn.utils.get_total_norm``: what ``clip_grad_norm_`` computes),
+    fp32 on ``device``; 0 for none."""
+    return torch.nn.utils.get_total_norm(tensors).to(device, torch.float32)
 
 
 def clip_by_norm(grads: Iterable[torch.Tensor | None], max_norm: float, norm: torch.Tensor) -> None:
     """Scale the gradients in place so their global norm ``norm`` (:func:`step_health`) is at most ``max_norm``:
-    ``clip_grad_norm_``'s coefficient without computing the norm again; sharded gradients scale their shards."""
+    ``clip_grad_norm_``'s coefficient without computing the norm again. torch's ``clip_grads_with_norm_`` does the
+    same for whole gradients; sharded ones are scaled here on their local shards, since ``norm`` is a plain tensor
+    (already reduced over the ranks), not a DTensor."""
     local = [g.to_local() if isinstance(g, torch.distributed.tensor.DTensor) else g for g in grads if g is not None]
     if local:
         coefficient = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
@@ -383,7 +383,8 @@ class FSDPStrategy(ModelParallelStrategy):
         """Lightning's loader, except that a single-file checkpoint (a DDP or single-device run's, or one written with
         ``save_distributed_checkpoint=false``) is first brought to this module's layout by its ``adapt_checkpoint``
         (an older file's EMA entry, an EMA saved or kept on one side only). The other strategies do that in
-        ``on_load_checkpoint``; this one restores the module from the file, strictly, before that hook runs."""
+        ``on_load_checkpoint``; this one restores the module from the file, strictly, before that hook runs. The file
+        is read with ``weights_only=True`` whatever Lightning passes."""
         from lightning.fabric.strategies.model_parallel import _load_raw_module_state, _rekey_optimizer_state_if_needed
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -391,7 +392,8 @@ class FSDPStrategy(ModelParallelStrategy):
         module = self.lightning_module
         if not path.is_file() or not hasattr(module, "adapt_checkpoint"):
             return super().load_checkpoint(path, weights_only=weights_only)
-        checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only is not False)
+        # tensors and plain containers only (checkpointing.py writes no other objects): a downloaded file runs no code
+        checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=True)
         module.adapt_checkpoint(checkpoint)
         strict = module.strict_loading
         _load_raw_module_state(checkpoint.pop("state_dict"), self.model, world_size=self.world_size, strict=strict)
